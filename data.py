@@ -1,0 +1,435 @@
+"""
+Data for Pilot: a synthetic multimodal instruction world, the two scenarios, and the metrics.
+
+    python data.py --scenario A            # print a few samples of every client
+
+The synthetic world is designed from three principles (PILOT_METHOD.md, "Task: FedMIT"), not tuned
+until any method wins:
+- task heterogeneity: every client holds ONE task type with its own instruction and answer format:
+  captioning ("a large red circle left of a small blue square"), VQA about colour, shape, size,
+  count and left/right relations (one-word answers), grounding (referring expression -> normalised
+  box "[x1, y1, x2, y2]" with two decimals) and, in Scenario B, text reading (a 2-4 digit string
+  drawn with a hand-made 3x5 pixel font).
+- client heterogeneity: each client draws its own visual domain (background level and tint, a
+  background gradient, a palette shift of the object colours, pixel noise, object scale), so
+  client-specific visual features matter.
+- shared knowledge: every task rests on the same concepts (colour, shape, size, position), so what
+  one task learns about them can help another, and one client's few hundred samples are too few to
+  learn everything well alone.
+Train and test splits of a client are disjoint draws from the same client distribution.
+
+The embedded backbone is pretrained on a separate "describe the objects" corpus from a neutral
+domain (plain grey backgrounds, no noise, unit scale; `pretraining_corpus`), disjoint from the
+clients' data: it gives the vision tower and the LLM their concepts, never the clients' formats.
+
+Metrics (hand-written, percent units): CIDEr-D for captions, normalised exact-match accuracy for VQA
+and text reading, accuracy at IoU >= 0.5 for grounding (an unparsable box scores 0).
+"""
+import argparse
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+# ----------------------------------------------------------------------------- the synthetic world
+IMAGE_SIZE = 32          # pixels; the tiny backbone's vision tower sees 32x32 images in 4x4 patches
+COLOURS = {"red": (0.90, 0.12, 0.10), "green": (0.10, 0.75, 0.20), "blue": (0.15, 0.30, 0.95),
+           "yellow": (0.95, 0.85, 0.10), "purple": (0.65, 0.20, 0.85)}
+SHAPES = ("circle", "square", "triangle", "cross")
+SIZES = {"small": (2.5, 3.5), "large": (5.0, 7.0)}   # half-extent in pixels, before the client's scale
+COUNT_WORDS = ("zero", "one", "two", "three", "four")
+DIGIT_FONT = {  # 3x5 pixel font, rows top to bottom
+    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
+    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001010010010",
+    "8": "111101111101111", "9": "111101111001111"}
+TASKS = ("caption", "vqa", "grounding", "ocr")
+METRICS = {"caption": "cider", "vqa": "vqa_acc", "grounding": "acc_iou50", "ocr": "vqa_acc"}
+
+
+@dataclass
+class Obj:
+    colour: str
+    shape: str
+    size: str
+    cx: float  # centre and half-extent in pixels
+    cy: float
+    r: float
+
+    @property
+    def box(self):  # normalised [x1, y1, x2, y2]
+        s = IMAGE_SIZE
+        return [max(0.0, (self.cx - self.r) / s), max(0.0, (self.cy - self.r) / s),
+                min(1.0, (self.cx + self.r) / s), min(1.0, (self.cy + self.r) / s)]
+
+
+@dataclass
+class Domain:
+    """One client's visual domain (or the neutral pretraining domain)."""
+    bg: tuple = (0.45, 0.45, 0.45)
+    gradient: tuple = (0.0, 0.0)      # background gradient amplitude along x and y
+    palette_shift: tuple = (0.0, 0.0, 0.0)
+    noise: float = 0.0
+    scale: float = 1.0
+    random_bg: bool = False           # neutral domain: a fresh grey level per image
+
+
+def client_domain(g: torch.Generator) -> Domain:
+    u = lambda lo, hi, n=1: (lo + (hi - lo) * torch.rand(n, generator=g)).tolist()
+    level = u(0.12, 0.55)[0]
+    return Domain(bg=tuple(level + t for t in u(-0.10, 0.10, 3)), gradient=tuple(u(-0.2, 0.2, 2)),
+                  palette_shift=tuple(u(-0.12, 0.12, 3)), noise=u(0.0, 0.08)[0], scale=u(0.8, 1.25)[0])
+
+
+NEUTRAL = Domain(random_bg=True)
+
+
+@dataclass
+class Sample:
+    image: torch.Tensor   # [3, S, S] float in [0, 1]
+    question: str
+    answer: str
+    task: str
+    id: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _randint(g, lo, hi):  # inclusive
+    return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+
+def _choice(g, seq):
+    return seq[_randint(g, 0, len(seq) - 1)]
+
+
+def _place(g, objs, r, S=IMAGE_SIZE, tries=60):
+    """A centre for a box of half-extent r inside the image, not overlapping objs (None if no room)."""
+    for _ in range(tries):
+        cx = r + 0.5 + float(torch.rand(1, generator=g)) * (S - 2 * r - 1)
+        cy = r + 0.5 + float(torch.rand(1, generator=g)) * (S - 2 * r - 1)
+        if all(abs(cx - o.cx) > r + o.r + 1 or abs(cy - o.cy) > r + o.r + 1 for o in objs):
+            return cx, cy
+    return None
+
+
+def random_scene(g, domain, n_objects):
+    """n distinct (colour, shape) objects, placed without overlap."""
+    objs, used = [], set()
+    while len(objs) < n_objects:
+        colour, shape, size = _choice(g, list(COLOURS)), _choice(g, SHAPES), _choice(g, list(SIZES))
+        if (colour, shape) in used:
+            continue
+        lo, hi = SIZES[size]
+        r = (lo + (hi - lo) * float(torch.rand(1, generator=g))) * domain.scale
+        pos = _place(g, objs, r)
+        if pos is None:
+            if not objs:
+                continue
+            break
+        objs.append(Obj(colour, shape, size, pos[0], pos[1], r))
+        used.add((colour, shape))
+    return objs
+
+
+def _shape_mask(shape, cx, cy, r, x, y):
+    dx, dy = x - cx, y - cy
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        return (dx.abs() <= r) & (dy.abs() <= r)
+    if shape == "triangle":  # apex up, base at the bottom
+        return (dy <= r) & (dy >= -r) & (dx.abs() <= (dy + r) / 2)
+    if shape == "cross":
+        w = 0.35 * r
+        return ((dx.abs() <= w) & (dy.abs() <= r)) | ((dy.abs() <= w) & (dx.abs() <= r))
+    raise ValueError(shape)
+
+
+def render(g, domain, objs, text=None, S=IMAGE_SIZE, ss=2):
+    """Draw the scene at ss-times supersampling, then average down (soft edges)."""
+    n = S * ss
+    coords = (torch.arange(n, dtype=torch.float32) + 0.5) / ss
+    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    bg = torch.full((3,), 0.3 + 0.3 * float(torch.rand(1, generator=g))) if domain.random_bg \
+        else torch.tensor(domain.bg)
+    img = bg[:, None, None] + domain.gradient[0] * (x / S - 0.5) + domain.gradient[1] * (y / S - 0.5)
+    img = img.expand(3, n, n).clone()
+    shift = torch.tensor(domain.palette_shift)
+    for o in objs:
+        colour = (torch.tensor(COLOURS[o.colour]) + shift).clamp(0, 1)
+        m = _shape_mask(o.shape, o.cx, o.cy, o.r, x, y)
+        img[:, m] = colour[:, None]
+    if text is not None:  # (string, colour, x0, y0, pixel scale)
+        digits, colour, x0, y0, px = text
+        colour = (torch.tensor(COLOURS[colour]) + shift).clamp(0, 1)
+        for i, d in enumerate(digits):
+            for row in range(5):
+                for col in range(3):
+                    if DIGIT_FONT[d][row * 3 + col] == "1":
+                        xa, ya = x0 + (i * 4 + col) * px, y0 + row * px
+                        m = (x >= xa) & (x < xa + px) & (y >= ya) & (y < ya + px)
+                        img[:, m] = colour[:, None]
+    img = torch.nn.functional.avg_pool2d(img[None], ss)[0]
+    if domain.noise > 0:
+        img = img + domain.noise * torch.randn(img.shape, generator=g)
+    return img.clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------- instructions per task
+def _phrase(o):
+    return f"{o.colour} {o.shape}"
+
+
+def caption_text(objs):
+    return " left of ".join(f"a {o.size} {_phrase(o)}" for o in sorted(objs, key=lambda o: o.cx))
+
+
+def box_text(box):
+    return "[" + ", ".join(f"{v:.2f}" for v in box) + "]"
+
+
+def _vqa(g, objs):
+    kinds = ["count", "size", "colour", "shape"] + (["relation"] * 2 if len(objs) > 1 else [])
+    while True:
+        kind, o = _choice(g, kinds), _choice(g, objs)
+        if kind == "count":
+            return "how many objects are there?", COUNT_WORDS[len(objs)]
+        if kind == "size":
+            return f"what size is the {_phrase(o)}?", o.size
+        if kind == "colour" and sum(p.shape == o.shape for p in objs) == 1:
+            return f"what colour is the {o.shape}?", o.colour
+        if kind == "shape" and sum(p.colour == o.colour for p in objs) == 1:
+            return f"what shape is the {o.colour} object?", o.shape
+        if kind == "relation":
+            p = _choice(g, [p for p in objs if p is not o])
+            return f"is the {_phrase(o)} left of the {_phrase(p)}?", "yes" if o.cx < p.cx else "no"
+
+
+def make_sample(g, task, domain):
+    if task == "ocr":
+        objs = random_scene(g, domain, _randint(g, 0, 1))
+        digits = "".join(str(_randint(g, 0, 9)) for _ in range(_randint(g, 2, 4)))
+        px = 1.5 if len(digits) <= 3 else 1.25
+        width, height = (4 * len(digits) - 1) * px, 5 * px
+        x0 = float(torch.rand(1, generator=g)) * (IMAGE_SIZE - width)
+        y0 = float(torch.rand(1, generator=g)) * (IMAGE_SIZE - height)
+        colour = _choice(g, list(COLOURS))
+        image = render(g, domain, objs, (digits, colour, x0, y0, px))
+        return Sample(image, "what number is written?", digits, task)
+    objs = random_scene(g, domain, _randint(g, 1, 3))
+    image = render(g, domain, objs)
+    if task == "caption":
+        return Sample(image, "describe the image briefly.", caption_text(objs), task)
+    if task == "vqa":
+        q, a = _vqa(g, objs)
+        return Sample(image, q, a, task)
+    if task == "grounding":
+        o = _choice(g, objs)
+        return Sample(image, f"where is the {_phrase(o)}?", box_text(o.box), task, extra={"box": o.box})
+    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def pretraining_corpus(n, seed):
+    """The neutral 'describe the objects' alignment set the tiny backbone is pretrained on. Each
+    description lists objects as '<size> <colour> <shape> at <x>, <y>' (centre, two decimals); the
+    instruction asks for all objects, or those of one colour, or of one shape ('none' when there is
+    none), so that the LLM learns to read the instruction as well as the image. Some images carry a
+    number ('text 472 at ...'), so that digits mean something to the backbone too."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+    at = lambda cx, cy: f"at {cx / IMAGE_SIZE:.2f}, {cy / IMAGE_SIZE:.2f}"
+    out = []
+    for i in range(n):
+        objs = random_scene(g, NEUTRAL, _randint(g, 1, 3))
+        kind = _randint(g, 0, 2)
+        if kind == 0:
+            q, keep = "describe the objects.", objs
+        elif kind == 1:
+            colour = _choice(g, list(COLOURS))
+            q, keep = f"describe the {colour} objects.", [o for o in objs if o.colour == colour]
+        else:
+            shape = _choice(g, SHAPES)
+            q, keep = f"describe the {shape} objects.", [o for o in objs if o.shape == shape]
+        parts = [f"{o.size} {_phrase(o)} {at(o.cx, o.cy)}" for o in sorted(keep, key=lambda o: o.cx)]
+        text = None
+        if kind == 0 and float(torch.rand(1, generator=g)) < 0.3:
+            digits = "".join(str(_randint(g, 0, 9)) for _ in range(_randint(g, 1, 4)))
+            w = (4 * len(digits) - 1) * 1.5
+            x0 = float(torch.rand(1, generator=g)) * (IMAGE_SIZE - w)
+            y0 = float(torch.rand(1, generator=g)) * (IMAGE_SIZE - 7.5)
+            text = (digits, _choice(g, list(COLOURS)), x0, y0, 1.5)
+            parts.append(f"text {digits} {at(x0 + w / 2, y0 + 3.75)}")
+        out.append(Sample(render(g, NEUTRAL, objs, text), q, " ; ".join(parts) or "none", "describe", id=f"pre{i}"))
+    return out
+
+
+# Every word the synthetic world and the tiny backbone's prompt template can produce.
+VOCAB_WORDS = sorted(set(
+    list(COLOURS) + list(SHAPES) + list(SIZES) + list(COUNT_WORDS) +
+    "USER ASSISTANT describe the image briefly objects a left of at text none "
+    "how many are there what size is colour shape object where number written yes no".split()))
+VOCAB_SYMBOLS = list("0123456789") + list("[],.?:;")
+
+
+# ----------------------------------------------------------------------------- scenarios
+@dataclass
+class ClientSpec:
+    task: str
+    n_train: int
+    n_test: int
+
+
+SCENARIOS = {  # [reading] PILOT_METHOD.md, "Scenarios": this project's definition of A and B
+    "A": [ClientSpec(t, 400, 100) for t in ("caption", "caption", "vqa", "vqa", "grounding", "grounding")],
+    "B": [ClientSpec(t, n, 100) for t, n in zip(
+        ("caption", "caption", "vqa", "vqa", "grounding", "grounding", "ocr", "ocr"),
+        (400, 100, 100, 400, 250, 150, 400, 100))],   # sizes differ up to 4x
+}
+
+
+@dataclass
+class ClientData:
+    id: int
+    task: str
+    train: list
+    test: list
+    domain: Domain = None
+
+
+def make_scenario(name, seed, limit_clients=None, n_train=None, n_test=None):
+    """Every client's train and test samples, deterministic in (name, seed).
+
+    limit_clients / n_train / n_test shrink the scenario (tests, quick runs); a client's samples do
+    not depend on how many other clients are kept."""
+    if name not in SCENARIOS:
+        raise ValueError(f"unknown scenario {name!r}; expected one of {sorted(SCENARIOS)}")
+    specs = SCENARIOS[name]
+    keep = range(len(specs)) if limit_clients is None else limit_clients
+    clients = []
+    for k in keep:
+        spec = specs[k]
+        g = torch.Generator().manual_seed(1_000_003 * seed + 7919 * k + ord(name))
+        domain = client_domain(g)
+        ntr, nte = n_train or spec.n_train, n_test or spec.n_test
+        samples = [make_sample(g, spec.task, domain) for _ in range(ntr + nte)]
+        for i, s in enumerate(samples):
+            s.id = f"c{k}-{i}"
+        clients.append(ClientData(k, spec.task, samples[:ntr], samples[ntr:], domain))
+    return clients
+
+
+# ----------------------------------------------------------------------------- metrics
+_ARTICLES = {"a", "an", "the"}
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten".split())}
+_PUNCT = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$|~':]")
+
+
+def normalize_answer(s: str) -> str:
+    """The standard VQA answer normalisation: lower case, punctuation out, number words to digits,
+    articles out, whitespace collapsed (periods kept only inside numbers such as 0.5)."""
+    s = s.lower().replace("\n", " ").replace("\t", " ").strip()
+    s = _PUNCT.sub(" ", s)
+    s = re.sub(r"(?<!\d)\.(?!\d)", " ", s)
+    words = [_NUMBER_WORDS.get(w, w) for w in s.split() if w not in _ARTICLES]
+    return " ".join(words)
+
+
+def vqa_accuracy(pred: str, answers) -> float:
+    """1 for a match of the normalised answer; with several human answers, min(1, matches / 3)."""
+    answers = [answers] if isinstance(answers, str) else list(answers)
+    p = normalize_answer(pred)
+    matches = sum(p == normalize_answer(a) for a in answers)
+    return float(matches >= 1) if len(answers) < 3 else min(1.0, matches / 3)
+
+
+_NUM = r"(-?\d+(?:\.\d+)?)"
+_BOX = re.compile(r"\[\s*" + r"\s*,\s*".join([_NUM] * 4) + r"\s*\]")
+
+
+def parse_box(text: str):
+    """The first '[x1, y1, x2, y2]' in text (spaces anywhere), or None when there is none."""
+    m = _BOX.search(re.sub(r"(?<=\d)\s+(?=[\d.])|(?<=\.)\s+(?=\d)", "", text))
+    return [float(v) for v in m.groups()] if m else None
+
+
+def iou(a, b) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def grounding_accuracy(pred: str, answer: str) -> float:
+    p, t = parse_box(pred), parse_box(answer)
+    if t is None:
+        raise ValueError(f"reference answer {answer!r} holds no box")
+    return float(p is not None and p[2] > p[0] and p[3] > p[1] and iou(p, t) >= 0.5)
+
+
+def _ngrams(words, n):
+    return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+
+
+def cider_d(candidates, references, n_max=4, sigma=6.0):
+    """Corpus CIDEr-D (Vedantam et al. 2015, the coco-caption variant): TF-IDF n-gram vectors
+    (n = 1..4, document frequency over the references of this corpus), clipped candidate counts, a
+    Gaussian length penalty, x10. Returns the mean over images (raw scale; x100 for percent units).
+
+    candidates: list of strings; references: list of lists of strings, one list per candidate."""
+    assert len(candidates) == len(references) and candidates
+    tok = lambda s: s.lower().replace(".", " ").replace(",", " ").split()
+    refs = [[tok(r) for r in rs] for rs in references]
+    df = Counter()
+    for rs in refs:
+        df.update({g for r in rs for n in range(1, n_max + 1) for g in _ngrams(r, n)})
+    log_n = math.log(float(len(refs)))
+
+    def vec(words):
+        v, norm = [], []
+        for n in range(1, n_max + 1):
+            counts = _ngrams(words, n)
+            vn = {g: c * (log_n - math.log(max(1.0, df[g]))) for g, c in counts.items()}
+            v.append(vn)
+            norm.append(math.sqrt(sum(x * x for x in vn.values())))
+        return v, norm, len(words)
+
+    scores = []
+    for cand, rs in zip(candidates, refs):
+        vc, nc, lc = vec(tok(cand))
+        total = 0.0
+        for r in rs:
+            vr, nr, lr = vec(r)
+            sim = 0.0
+            for n in range(n_max):
+                val = sum(min(x, vr[n][g]) * vr[n][g] for g, x in vc[n].items() if g in vr[n])
+                if nc[n] != 0 and nr[n] != 0:
+                    val /= nc[n] * nr[n]
+                sim += val * math.exp(-((lc - lr) ** 2) / (2 * sigma ** 2))
+            total += sim / n_max
+        scores.append(10.0 * total / len(rs))
+    return sum(scores) / len(scores)
+
+
+def score(task, predictions, samples) -> float:
+    """A client's score on its test samples, in percent units (CIDEr-D x 100)."""
+    answers = [s.extra.get("answers", [s.answer]) for s in samples]
+    if METRICS[task] == "cider":
+        return 100.0 * cider_d(predictions, answers)
+    if METRICS[task] == "vqa_acc":
+        return 100.0 * sum(vqa_accuracy(p, a) for p, a in zip(predictions, answers)) / len(samples)
+    if METRICS[task] == "acc_iou50":
+        return 100.0 * sum(grounding_accuracy(p, s.answer) for p, s in zip(predictions, samples)) / len(samples)
+    raise ValueError(task)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap.add_argument("--scenario", default="A", choices=sorted(SCENARIOS))
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    for c in make_scenario(args.scenario, args.seed):
+        print(f"client {c.id} ({c.task}, {len(c.train)} train / {len(c.test)} test)")
+        for s in c.train[:3]:
+            print(f"   Q: {s.question:40s} A: {s.answer}")

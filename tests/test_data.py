@@ -1,0 +1,85 @@
+"""Synthetic data and metrics, on hand-computed cases."""
+import math
+
+import pytest
+import torch
+
+import data
+
+
+def test_cider_d_hand_computed():
+    # Two images, references "a b" and "c d": every n-gram has df = 1, idf = log 2.
+    # Image 1, candidate = its reference: n = 1 and n = 2 have cosine 1, n = 3, 4 have no n-grams:
+    # (1 + 1 + 0 + 0) / 4 * 10 = 5. Image 2, no shared n-gram: 0. Corpus mean 2.5.
+    assert data.cider_d(["a b", "x y"], [["a b"], ["c d"]]) == pytest.approx(2.5)
+    # "a b b" against "a b": n = 1: vc = (1, 2) idf, vr = (1, 1) idf, clipped dot 2, norms √5 √2;
+    # n = 2: "a b" shared, norms √2 and 1; Gaussian length penalty exp(-1 / 72).
+    expected = 10 * (2 / math.sqrt(10) + 1 / math.sqrt(2)) / 4 * math.exp(-1 / 72)
+    assert data.cider_d(["a b b", "c d"], [["a b"], ["c d"]]) == pytest.approx((expected + 5.0) / 2)
+
+
+def test_cider_d_common_words_carry_no_weight():
+    # a word in every reference has idf 0
+    assert data.cider_d(["a", "a"], [["a"], ["a"]]) == 0.0
+
+
+def test_vqa_normalisation_and_accuracy():
+    assert data.normalize_answer("The Red.") == "red"
+    assert data.normalize_answer("Two") == "2"
+    assert data.normalize_answer("  a  yellow circle! ") == "yellow circle"
+    assert data.normalize_answer("0.5") == "0.5"
+    assert data.vqa_accuracy("two", "2") == 1.0
+    assert data.vqa_accuracy("blue", "red") == 0.0
+    assert data.vqa_accuracy("red", ["red", "red", "blue"] + ["green"] * 7) == pytest.approx(2 / 3)
+    assert data.vqa_accuracy("red", ["red"] * 4 + ["blue"] * 6) == 1.0
+
+
+def test_box_parsing_iou_and_grounding_accuracy():
+    assert data.parse_box("[0.10, 0.20, 0.50, 0.60]") == [0.1, 0.2, 0.5, 0.6]
+    assert data.parse_box("it is at [ 0 . 1 0 , 0 . 2 0 , 0 . 5 0 , 0 . 6 0 ]") == [0.1, 0.2, 0.5, 0.6]
+    assert data.parse_box("[0.1, 0.2, 0.5]") is None and data.parse_box("top left") is None
+    assert data.iou([0, 0, 1, 1], [0, 0, 1, 1]) == 1.0
+    assert data.iou([0, 0, 2, 1], [1, 0, 3, 1]) == pytest.approx(1 / 3)
+    ref = "[0.00, 0.00, 0.40, 0.40]"
+    assert data.grounding_accuracy("[0.00, 0.00, 0.40, 0.40]", ref) == 1.0
+    assert data.grounding_accuracy("[0.00, 0.00, 0.40, 0.20]", ref) == 1.0      # IoU exactly 0.5
+    assert data.grounding_accuracy("[0.00, 0.00, 0.40, 0.19]", ref) == 0.0
+    assert data.grounding_accuracy("no box", ref) == 0.0
+    assert data.grounding_accuracy("[0.5, 0.5, 0.1, 0.1]", ref) == 0.0            # degenerate box
+
+
+def test_scores_in_percent_units():
+    samples = [data.Sample(torch.zeros(3, 2, 2), "q", a, "vqa") for a in ("red", "two")]
+    assert data.score("vqa", ["red", "3"], samples) == 50.0
+
+
+def test_scenarios_are_deterministic_and_heterogeneous():
+    a = data.make_scenario("A", 0, n_train=5, n_test=2)
+    b = data.make_scenario("A", 0, n_train=5, n_test=2)
+    c = data.make_scenario("A", 1, n_train=5, n_test=2)
+    assert [c_.task for c_ in a] == ["caption", "caption", "vqa", "vqa", "grounding", "grounding"]
+    assert all(torch.equal(x.image, y.image) and x.answer == y.answer for p, q in zip(a, b) for x, y in zip(p.train, q.train))
+    assert not torch.equal(a[0].train[0].image, c[0].train[0].image)
+    assert a[0].domain != a[1].domain                      # each client its own visual domain
+    # a client's data does not depend on which other clients are kept
+    solo = data.make_scenario("A", 0, limit_clients=[3], n_train=5, n_test=2)[0]
+    assert all(torch.equal(x.image, y.image) for x, y in zip(solo.train, a[3].train))
+    sb = data.make_scenario("B", 0, n_test=1)
+    sizes = [len(c_.train) for c_ in sb]
+    assert {c_.task for c_ in sb} == set(data.TASKS) and len(sb) == 8 and max(sizes) == 4 * min(sizes)
+    with pytest.raises(ValueError, match="unknown scenario"):
+        data.make_scenario("C", 0)
+
+
+def test_every_generated_text_is_in_the_tiny_vocabulary():
+    import backbone
+    tok = backbone.tiny_tokenizer()
+    texts = [(s.question, s.answer) for c in data.make_scenario("B", 0, n_train=30, n_test=1) for s in c.train]
+    texts += [(s.question, s.answer) for s in data.pretraining_corpus(60, 0)]
+    texts += [(backbone.TINY_PROMPT.format(question="what colour is the circle?").replace("<image>", ""), "")]
+    for q, a in texts:
+        ids = tok(q + " " + a, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids, (q, a)
+    # numbers and boxes are spelled digit by digit and decode back exactly
+    for s in ["[0.12, 0.40, 0.55, 0.80]", "472", "a large red circle left of a small blue square"]:
+        assert tok.decode(tok(s, add_special_tokens=False)["input_ids"]) == s

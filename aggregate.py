@@ -1,0 +1,94 @@
+"""
+Server-side aggregation for Pilot: pure functions over {name: tensor} state dicts.
+
+    task_aware_visual(...)   task-aware visual aggregation: one global task adapter per task
+    adaptive_text(...)       ATA: a personalised text adapter Θ̄^l_k for every client k
+    fedavg(...)              sample-count-weighted average (FedIT-style baselines, ablations)
+
+Every aggregation here is a mixing matrix A (K x K) applied tensor by tensor:
+out_k = Σ_j A[k, j] state_j. Writing it that way keeps each rule a few lines of arithmetic on K
+numbers, and the heavy part (one small matmul per tensor name) shared and streamed: no flattened
+copy of all clients' parameters is ever made.
+"""
+import torch
+
+
+def mix(states, A, keys=None):
+    """[Σ_j A[k, j] states[j] for each k], streamed one tensor name at a time (float32 results)."""
+    keys = list(states[0]) if keys is None else keys
+    K = len(states)
+    out = [dict() for _ in range(A.shape[0])]
+    for key in keys:
+        stacked = torch.stack([s[key].float() for s in states]).reshape(K, -1)
+        mixed = (A.to(torch.float64) @ stacked.double()).float()
+        for k, row in enumerate(mixed):
+            out[k][key] = row.reshape(states[0][key].shape)
+    return out
+
+
+def fedavg_matrix(n):
+    """Every row = n / Σ n: each output is the same sample-count-weighted average."""
+    w = torch.tensor(n, dtype=torch.float64)
+    return (w / w.sum()).expand(len(n), -1).clone()
+
+
+def fedavg(states, n):
+    """Sample-count-weighted average of the states (one dict)."""
+    return mix(states, fedavg_matrix(n)[:1])[0]
+
+
+def task_aware_visual(task_adapters, tasks, n):
+    """Task-aware visual aggregation: for each task τ, the sample-count-weighted average of the
+    uploaded task adapters of that task's clients only. Returns {task: state dict}."""
+    out = {}
+    for tau in sorted(set(tasks)):
+        idx = [k for k, t in enumerate(tasks) if t == tau]
+        out[tau] = fedavg([task_adapters[k] for k in idx], [n[k] for k in idx])
+    return out
+
+
+def pairwise_distances(states):
+    """d_kj = ||Θ_k − Θ_j||₂ over all parameters, from one Gram matrix G = Σ_tensors X Xᵀ
+    accumulated tensor by tensor in float64: d² = G_kk + G_jj − 2 G_kj."""
+    K = len(states)
+    G = torch.zeros(K, K, dtype=torch.float64)
+    for key in states[0]:
+        x = torch.stack([s[key].reshape(-1) for s in states]).double()
+        G += x @ x.t()
+    sq = G.diagonal()
+    d2 = (sq[:, None] + sq[None, :] - 2 * G).clamp_min(0)
+    # Cancellation in d² leaves tiny positive values for identical clients: call those exactly 0.
+    d2[d2 <= 1e-12 * sq.max().clamp_min(1e-30)] = 0
+    d2.fill_diagonal_(0)
+    return d2.sqrt()
+
+
+def ata_matrix(d, n, top_m):
+    """ATA's mixing matrix. [reading] PILOT_METHOD.md, "Server aggregation":
+        Θ̄_k = λ_k Θ_k + (1 − λ_k) Σ_{j∈N_M(k)} w_kj Θ_j
+        N_M(k): the M clients j ≠ k nearest to k (ties by client index)
+        w_kj = (1/d_kj) / Σ_{i∈N_M(k)} (1/d_ki),   λ_k = n_k / (n_k + Σ_{j∈N_M(k)} n_j)
+    A neighbour at distance 0 is the limit of inverse-distance weighting: the weight goes, in equal
+    parts, to the neighbours at distance 0 (no division by zero)."""
+    K = len(n)
+    m = min(top_m, K - 1)
+    A = torch.zeros(K, K, dtype=torch.float64)
+    for k in range(K):
+        others = sorted((j for j in range(K) if j != k), key=lambda j: (float(d[k, j]), j))
+        nb = others[:m]
+        if not nb:
+            A[k, k] = 1.0
+            continue
+        dist = torch.tensor([float(d[k, j]) for j in nb], dtype=torch.float64)
+        inv = (dist == 0).double() if (dist == 0).any() else 1.0 / dist
+        w = inv / inv.sum()
+        lam = n[k] / (n[k] + sum(n[j] for j in nb))
+        A[k, k] = lam
+        A[k, nb] = (1 - lam) * w
+    return A
+
+
+def adaptive_text(text_adapters, n, top_m=3):
+    """ATA: each client's personalised Θ̄^l_k (a list, in client order) and the matrix used."""
+    A = ata_matrix(pairwise_distances(text_adapters), n, top_m)
+    return mix(text_adapters, A), A

@@ -1,0 +1,227 @@
+"""
+The LLaVA backbone: the embedded "tiny" one (built, pretrained and cached on first use) or any
+LLaVA checkpoint in Hugging Face format, loaded the same way; plus prompt encoding and batching.
+
+    python backbone.py            # build (or find) the tiny backbone and print where it is cached
+
+The tiny backbone is a real LlavaForConditionalGeneration (a small CLIP vision tower, a small Llama,
+the LLaVA-1.5 two-layer projector), a word-level PreTrainedTokenizerFast over the synthetic world's
+vocabulary, and a CLIP image processor, saved with save_pretrained (safetensors). It is pretrained
+briefly, deterministically and in full (vision tower, projector, LLM) on data.pretraining_corpus, a
+neutral "describe the objects" set disjoint from every client's data, so that the frozen parts mean
+something. Its directory is keyed by a hash of its config, pretraining settings and seed under
+$PILOT_CACHE (default ~/.cache/pilot-fedmit).
+"""
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import data
+import pilot
+
+TINY = dict(  # the embedded backbone; about 0.6M parameters
+    image_size=data.IMAGE_SIZE, patch_size=8, vision_hidden=64, vision_layers=3, vision_heads=4,
+    text_hidden=128, text_layers=2, text_heads=4, text_intermediate=256, max_positions=160)
+PRETRAIN = dict(n_samples=8000, epochs=4, batch_size=32, lr=1e-3, warmup=50, seed=0)
+TINY_PROMPT = "USER: <image> {question} ASSISTANT:"
+LLAVA_PROMPT = "USER: <image>\n{question} ASSISTANT:"  # Vicuna v1, LLaVA-1.5's conversation format
+FORMAT_VERSION = 1   # bump when the tiny backbone's recipe changes, so old caches are not reused
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PILOT_CACHE") or Path.home() / ".cache" / "pilot-fedmit")
+
+
+# ----------------------------------------------------------------------------- the tiny backbone
+def tiny_tokenizer():
+    """Word-level tokenizer: words carry a leading '▁' (Metaspace), digits and punctuation are
+    single tokens, so numbers and boxes are spelled digit by digit and decode back exactly."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+    vocab = specials + ["▁"] + ["▁" + w for w in data.VOCAB_WORDS] + data.VOCAB_SYMBOLS
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+        pre_tokenizers.Split(Regex(r"[0-9]|[^\w▁]"), behavior="isolated")])
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+
+
+def tiny_model(tokenizer, seed):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    t = TINY
+    vision = CLIPVisionConfig(hidden_size=t["vision_hidden"], intermediate_size=4 * t["vision_hidden"],
+                              num_hidden_layers=t["vision_layers"], num_attention_heads=t["vision_heads"],
+                              image_size=t["image_size"], patch_size=t["patch_size"], projection_dim=t["vision_hidden"])
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=t["text_hidden"], intermediate_size=t["text_intermediate"],
+                       num_hidden_layers=t["text_layers"], num_attention_heads=t["text_heads"],
+                       num_key_value_heads=t["text_heads"], max_position_embeddings=t["max_positions"],
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    n_tokens = (t["image_size"] // t["patch_size"]) ** 2
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         image_seq_length=n_tokens, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config)
+
+
+def tiny_image_processor():
+    # The PIL backend on purpose: the synthetic images are already at the model's resolution, and
+    # it needs only Pillow (the torchvision backend would pull in torchvision).
+    from transformers import CLIPImageProcessorPil
+    s = TINY["image_size"]
+    return CLIPImageProcessorPil(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
+
+
+def tiny_backbone_dir(log=print) -> Path:
+    """The cached tiny backbone's directory, building and pretraining it on first use. Built in a
+    temporary directory and renamed into place, so a crash never leaves a half-written cache."""
+    recipe = {"tiny": TINY, "pretrain": PRETRAIN, "prompt": TINY_PROMPT, "vocab": data.VOCAB_WORDS,
+              "version": FORMAT_VERSION}
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    path = cache_root() / f"tiny-{key}"
+    if (path / "pilot_backbone.json").exists():
+        return path
+    t0 = time.time()
+    log(f"building the tiny backbone (first use) in {path}")
+    tokenizer, processor = tiny_tokenizer(), tiny_image_processor()
+    model = tiny_model(tokenizer, PRETRAIN["seed"])
+    bb = Backbone(model, tokenizer, processor, "tiny", TINY_PROMPT)
+    stats = pretrain(bb, log=log)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    meta = {"prompt": TINY_PROMPT, "recipe": recipe, "pretrain_stats": stats,
+            "n_parameters": sum(p.numel() for p in model.parameters()), "build_s": round(time.time() - t0, 1)}
+    (tmp / "pilot_backbone.json").write_text(json.dumps(meta, indent=1))
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another process finished first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"tiny backbone ready ({meta['n_parameters']:,} parameters, {meta['build_s']} s)")
+    return path
+
+
+def pretrain(bb, log=print):
+    """Full-parameter training of the tiny LLaVA on the neutral describe-the-objects corpus."""
+    p = PRETRAIN
+    corpus = data.pretraining_corpus(p["n_samples"], p["seed"])
+    pixels = bb.pixels([s.image for s in corpus])
+    items = [bb.encode(s) for s in corpus]
+    model = bb.model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=0.0)
+    steps = p["epochs"] * math.ceil(len(corpus) / p["batch_size"])
+    sched = cosine_schedule(opt, steps, p["warmup"])
+    g = torch.Generator().manual_seed(p["seed"])
+    losses = []
+    for _ in range(p["epochs"]):
+        for idx in torch.randperm(len(corpus), generator=g).split(p["batch_size"]):
+            h_v = pilot.image_features(model, pixels[idx], grad=True)
+            x_img = model.model.multi_modal_projector(h_v)
+            ids, mask, labels = collate([items[i] for i in idx], bb.tokenizer.pad_token_id)
+            loss = pilot.lm_loss(model, x_img, ids, mask, labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+    log(f"pretrained {steps} steps, loss {losses[0]:.3f} -> {sum(losses[-20:]) / 20:.3f}")
+    model.eval()
+    return {"steps": steps, "loss_first": losses[0], "loss_last20": sum(losses[-20:]) / 20}
+
+
+def cosine_schedule(opt, total_steps, warmup_steps):
+    """Linear warm-up, then cosine decay to zero (the paper's schedule)."""
+    def f(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))))
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+# ----------------------------------------------------------------------------- loading any LLaVA
+@dataclass
+class Backbone:
+    model: object
+    tokenizer: object
+    image_processor: object
+    name: str
+    prompt: str
+
+    @property
+    def n_image_tokens(self):
+        vc = self.model.config.vision_config
+        n = (vc.image_size // vc.patch_size) ** 2
+        return n if self.model.config.vision_feature_select_strategy == "default" else n + 1
+
+    @property
+    def dims(self):
+        """(C_v, C): the connector's input and output widths, from the checkpoint's config."""
+        return self.model.config.vision_config.hidden_size, self.model.config.text_config.hidden_size
+
+    def pixels(self, images):
+        """Float images [3, S, S] in [0, 1] through the backbone's own image processor."""
+        out = self.image_processor(images=list(images), return_tensors="pt", do_rescale=False)
+        return out["pixel_values"]
+
+    def encode(self, sample):
+        """(prompt ids with the image placeholder expanded, answer ids ending in EOS)."""
+        before, after = self.prompt.format(question=sample.question).split("<image>")
+        tok = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"] if s.strip() else []
+        img = [self.model.config.image_token_id] * self.n_image_tokens
+        prompt = [self.tokenizer.bos_token_id] + tok(before) + img + tok(after)
+        return prompt, tok(sample.answer) + [self.tokenizer.eos_token_id]
+
+
+def collate(items, pad_id):
+    """Right-padded training batch: (input_ids, attention_mask, labels), labels -100 on the prompt."""
+    n = max(len(p) + len(a) for p, a in items)
+    ids = torch.full((len(items), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(items), n), dtype=torch.long)
+    for i, (p, a) in enumerate(items):
+        ids[i, :len(p) + len(a)] = torch.tensor(p + a)
+        labels[i, len(p):len(p) + len(a)] = torch.tensor(a)
+        mask[i, :len(p) + len(a)] = 1
+    return ids, mask, labels
+
+
+def collate_prompts(prompts, pad_id):
+    """Left-padded prompts for generation: (input_ids, attention_mask)."""
+    n = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), n), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, n - len(p):] = torch.tensor(p)
+        mask[i, n - len(p):] = 1
+    return ids, mask
+
+
+def load_backbone(name="tiny", device="cpu", dtype=torch.float32, log=print) -> Backbone:
+    """'tiny' (built and cached on first use) or a directory / hub id of a LLaVA checkpoint in
+    Hugging Face format; the same from_pretrained path serves both. Everything is frozen here."""
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+    path = tiny_backbone_dir(log) if name == "tiny" else name
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    processor = AutoImageProcessor.from_pretrained(path, backend="pil")
+    meta = Path(path) / "pilot_backbone.json"
+    prompt = json.loads(meta.read_text())["prompt"] if meta.exists() else LLAVA_PROMPT
+    return Backbone(model, tokenizer, processor, str(name), prompt)
+
+
+if __name__ == "__main__":
+    print(tiny_backbone_dir())

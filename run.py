@@ -1,0 +1,283 @@
+"""
+Pilot federated multimodal instruction tuning, simulated: clients are trained one after another in
+a plain Python loop on one machine, the server aggregates their uploads between rounds.
+
+    python run.py --scenario A                    # embedded tiny backbone and synthetic data, CPU
+    python run.py --scenario B --seed 1 --out runs/b1
+
+The two sides are separate functions with plain state-dict inputs and outputs, so that another
+engine can call them:
+    client_round(...)  train one client for one round from its download and private state
+                       -> (upload, new private state, stats)
+    server_round(...)  aggregate the uploads -> each client's download
+Writes OUT/results.json, OUT/results.md and OUT/client_<k>.safetensors (each client's final state:
+what it downloaded last plus its private tensors).
+"""
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import aggregate
+import backbone as bbmod
+import data
+import pilot
+
+# ----------------------------------------------------------------------------- defaults, in one place
+@dataclass
+class Config:
+    scenario: str = "A"
+    method: str = "pilot"
+    seed: int = 0
+    rounds_stage1: int = 1      # R1 [reading]: stage 1 for the first R1 rounds
+    rounds_stage2: int = 3      # R2: stage 2 (CT-MoA) for the next R2 rounds
+    local_epochs: int = 1       # E
+    top_m: int = 3              # M nearest neighbours in ATA
+    backbone: str = "tiny"
+    out: str = ""
+    device: str = "cpu"
+    # optimisation (tiny-backbone scale; the paper's 7B run uses 2e-5 / 4e-5 with r 64, alpha 128)
+    lr_stage1: float = 3e-3
+    lr_stage2: float = 6e-3     # stage 2 at twice stage 1's rate, as in the paper
+    batch_size: int = 8
+    warmup_ratio: float = 0.03
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    eval_batch_size: int = 50
+    # shrinking the scenario (tests, quick looks): None keeps the scenario's own sizes
+    clients: list = None
+    n_train: int = None
+    n_test: int = None
+
+
+MAX_NEW_TOKENS = {"caption": 24, "vqa": 4, "grounding": 26, "ocr": 6}
+METHODS = ("pilot",)
+
+
+# ----------------------------------------------------------------------------- client side
+@dataclass
+class ClientTensors:
+    """What a client holds on device: its task, frozen image features H_v and encoded text."""
+    id: int
+    task: str
+    h_train: torch.Tensor
+    items_train: list
+    h_test: torch.Tensor
+    prompts_test: list
+    test: list = field(repr=False)
+
+
+def prepare_client(bb, c: data.ClientData, device) -> ClientTensors:
+    """Encode a client's data once. The vision tower is frozen, so H_v = f(X_v) never changes:
+    computing it once per image, not once per epoch, is the same model at a fraction of the cost."""
+    def feats(samples):
+        return torch.cat([pilot.image_features(bb.model, bb.pixels([s.image for s in samples[i:i + 64]]).to(device))
+                          for i in range(0, len(samples), 64)])
+    return ClientTensors(c.id, c.task, feats(c.train), [bb.encode(s) for s in c.train],
+                         feats(c.test), [bb.encode(s)[0] for s in c.test], c.test)
+
+
+def build_connector(bb, stage, tasks, own_task, download, private, seed):
+    """The connector a client trains (or is evaluated with) in this stage, from its download and
+    private state. Round 1 of stage 1 has no global task adapters yet: ψ_t starts from the projector."""
+    c_v, c = bb.dims
+    proj = pilot.projector_state(bb.model)
+    globals_ = {t: pilot.sub_state(download, f"global_task_adapter.{t}.") for t in tasks}
+    if stage == 1:
+        return pilot.build_stage1(c_v, c, proj, globals_.get(own_task) or None, private)
+    return pilot.build_ctmoa(c_v, c, proj, tasks, own_task, globals_, private, seed=seed)
+
+
+def load_text_adapter(model, download):
+    """Copy the downloaded Θ^l into the LLM's LoRA parameters."""
+    live = pilot.lora_state(model)
+    with torch.no_grad():
+        for k, p in live.items():
+            p.copy_(download[k])
+
+
+def client_round(bb, ct: ClientTensors, download, private, stage, tasks, cfg: Config, round_idx, log_bar=True):
+    """One client, one round of local training. Returns (upload, private, stats): the upload holds
+    'task_adapter.*' (Θ^a) and 'lora.*' (Θ^l); ψ_s, ψ^c and φ stay in private."""
+    model = bb.model
+    device = model.device
+    load_text_adapter(model, download)
+    conn = build_connector(bb, stage, tasks, ct.task, download, private, seed=cfg.seed * 1000 + ct.id).to(device)
+    params = list(pilot.trainable_parameters(model, conn).values())
+    lr = cfg.lr_stage1 if stage == 1 else cfg.lr_stage2
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    n = len(ct.items_train)
+    steps = cfg.local_epochs * math.ceil(n / cfg.batch_size)
+    sched = bbmod.cosine_schedule(opt, steps, max(1, round(cfg.warmup_ratio * steps)))
+    g = torch.Generator().manual_seed(cfg.seed * 100_003 + round_idx * 1009 + ct.id)
+    bar = tqdm(total=steps, desc=f"  client {ct.id} ({ct.task}, stage {stage})", leave=False, disable=not log_bar)
+    losses = []
+    model.train()
+    for _ in range(cfg.local_epochs):
+        for idx in torch.randperm(n, generator=g).split(cfg.batch_size):
+            ids, mask, labels = bbmod.collate([ct.items_train[i] for i in idx], bb.tokenizer.pad_token_id)
+            x_img, aux = conn(ct.h_train[idx])
+            ce = pilot.lm_loss(model, x_img, ids.to(device), mask.to(device), labels.to(device))
+            loss = ce + aux
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(ce.item())
+            bar.update()
+            bar.set_postfix(ce=f"{ce.item():.3f}", aux=f"{aux.item():.3f}")
+    bar.close()
+    model.eval().requires_grad_(False)
+    up_conn, new_private = pilot.split_connector_state(conn)
+    upload = {**up_conn, **{k: v.detach().clone().float() for k, v in pilot.lora_state(model).items()}}
+    del opt, sched, conn  # nothing of this client's optimisation outlives its round
+    return upload, {**private, **new_private}, {"loss_first": losses[0], "loss_last": losses[-1], "steps": steps}
+
+
+@torch.no_grad()
+def evaluate_client(bb, ct: ClientTensors, download, private, stage, tasks, cfg: Config):
+    """Greedy answers on the client's held-out test set with what it downloaded plus its private
+    tensors; returns (score in percent units, predictions)."""
+    model = bb.model
+    load_text_adapter(model, download)
+    conn = build_connector(bb, stage, tasks, ct.task, download, private, seed=0).to(model.device).eval()
+    preds = []
+    for i in range(0, len(ct.prompts_test), cfg.eval_batch_size):
+        prompts = ct.prompts_test[i:i + cfg.eval_batch_size]
+        ids, mask = bbmod.collate_prompts(prompts, bb.tokenizer.pad_token_id)
+        x_img, _ = conn(ct.h_test[i:i + len(prompts)])
+        out = pilot.generate(model, x_img, ids.to(model.device), mask.to(model.device), MAX_NEW_TOKENS.get(ct.task, 32),
+                             bb.tokenizer.eos_token_id, bb.tokenizer.pad_token_id)
+        preds += bb.tokenizer.batch_decode(out, skip_special_tokens=True)
+    preds = [p.strip() for p in preds]
+    return data.score(ct.task, preds, ct.test), preds
+
+
+# ----------------------------------------------------------------------------- server side
+def server_round(uploads, tasks, n, top_m):
+    """Aggregate one round's uploads (client order) into each client's download:
+    all T global task adapters ψ^t_τ (task-aware visual aggregation) and its own Θ̄^l_k (ATA)."""
+    task_adapters = [pilot.sub_state(u, "task_adapter.") for u in uploads]
+    text = [{k: v for k, v in u.items() if k.startswith("lora.")} for u in uploads]
+    global_tasks = aggregate.task_aware_visual(task_adapters, tasks, n)
+    personal, _ = aggregate.adaptive_text(text, n, top_m)
+    shared = {f"global_task_adapter.{t}.{k}": v for t, sd in global_tasks.items() for k, v in sd.items()}
+    return [{**shared, **personal[k]} for k in range(len(uploads))]
+
+
+def nbytes(state):
+    return sum(v.numel() * v.element_size() for v in state.values())
+
+
+# ----------------------------------------------------------------------------- the simulation
+def results_table(res):
+    tasks = list(res["per_task"])
+    lines = [f"Scenario {res['scenario']}, method {res['method']}, seed {res['seed']}, backbone {res['backbone']}", "",
+             "| client | task | metric | n_train | n_test | score |", "|---|---|---|---|---|---|"]
+    lines += [f"| {c['id']} | {c['task']} | {c['metric']} | {c['n_train']} | {c['n_test']} | {c['score']:.1f} |"
+              for c in res["clients"]]
+    lines += ["", "| " + " | ".join(tasks + ["average"]) + " |", "|" + "---|" * (len(tasks) + 1),
+              "| " + " | ".join(f"{res['per_task'][t]:.1f}" for t in tasks) + f" | {res['average']:.1f} |", "",
+              f"bytes uploaded {res['bytes_up']:,}, downloaded {res['bytes_down']:,}; wall time {res['wall_s']:.1f} s"]
+    return "\n".join(lines)
+
+
+def run(cfg: Config, log=print):
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out or f"runs/scenario-{cfg.scenario}-{cfg.method}-seed{cfg.seed}")
+    bb = bbmod.load_backbone(cfg.backbone, device=cfg.device, log=log)
+    # Θ^l's initial value is the server's: one seed, the same for every client, so that ATA's
+    # distances measure what local training changed, not initialisation noise.
+    pilot.install_lora(bb.model.model.language_model, cfg.lora_r, cfg.lora_alpha, seed=cfg.seed)
+    bb.model.to(cfg.device)
+    theta0 = {k: v.detach().clone() for k, v in pilot.lora_state(bb.model).items()}
+
+    clients = data.make_scenario(cfg.scenario, cfg.seed, cfg.clients, cfg.n_train, cfg.n_test)
+    tasks_of = [c.task for c in clients]
+    tasks = sorted(set(tasks_of), key=data.TASKS.index)
+    n = [len(c.train) for c in clients]
+    cts = [prepare_client(bb, c, cfg.device) for c in clients]
+    log(f"scenario {cfg.scenario}: {len(clients)} clients, tasks {tasks}, train sizes {n}")
+
+    downloads = [dict(theta0) for _ in clients]
+    private = [{} for _ in clients]
+    bytes_up, bytes_down = 0, sum(nbytes(d) for d in downloads)
+    rounds = cfg.rounds_stage1 + cfg.rounds_stage2
+    stage = 1
+    for r in range(rounds):
+        stage = 1 if r < cfg.rounds_stage1 else 2
+        tr = time.time()
+        uploads, losses = [], []
+        for k, ct in enumerate(cts):
+            up, private[k], st = client_round(bb, ct, downloads[k], private[k], stage, tasks, cfg, r)
+            uploads.append(up)
+            losses.append(st["loss_last"])
+        downloads = server_round(uploads, tasks_of, n, cfg.top_m)
+        ru, rd = sum(nbytes(u) for u in uploads), sum(nbytes(d) for d in downloads)
+        bytes_up, bytes_down = bytes_up + ru, bytes_down + rd
+        log(f"round {r + 1}/{rounds} (stage {stage}): mean last loss {sum(losses) / len(losses):.3f}, "
+            f"up {ru / 1e6:.2f} MB, down {rd / 1e6:.2f} MB, {time.time() - tr:.1f} s")
+
+    rows = []
+    for k, ct in enumerate(cts):
+        s, preds = evaluate_client(bb, ct, downloads[k], private[k], stage, tasks, cfg)
+        rows.append({"id": ct.id, "task": ct.task, "n_train": n[k], "n_test": len(ct.test),
+                     "metric": data.METRICS[ct.task], "score": round(s, 2), "examples": [
+                         {"question": t.question, "answer": t.answer, "prediction": p}
+                         for t, p in zip(ct.test[:3], preds[:3])]})
+    per_task = {t: round(sum(r["score"] for r in rows if r["task"] == t) / sum(r["task"] == t for r in rows), 2)
+                for t in tasks}
+    res = {"scenario": cfg.scenario, "seed": cfg.seed, "method": cfg.method, "backbone": cfg.backbone,
+           "clients": rows, "per_task": per_task, "average": round(sum(per_task.values()) / len(per_task), 2),
+           "bytes_up": bytes_up, "bytes_down": bytes_down, "wall_s": round(time.time() - t0, 1),
+           "config": asdict(cfg)}
+    out.mkdir(parents=True, exist_ok=True)
+    for k in range(len(cts)):
+        save_file({k2: v.contiguous() for k2, v in {**downloads[k], **{f"private.{a}": b for a, b in private[k].items()}}.items()},
+                  str(out / f"client_{clients[k].id}.safetensors"))
+    table = results_table(res)
+    (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    log("\n" + table + f"\n\nwrote {out}/results.json, results.md, client_*.safetensors")
+    return res
+
+
+def parse_args(argv=None):
+    d = Config()
+    ap = argparse.ArgumentParser(description="Pilot federated multimodal instruction tuning (simulated clients).")
+    ap.add_argument("--scenario", default=d.scenario, choices=sorted(data.SCENARIOS),
+                    help="A: caption/VQA/grounding, 6 clients; B: adds text reading, 8 unbalanced clients")
+    ap.add_argument("--method", default=d.method, choices=METHODS, help="federated method")
+    ap.add_argument("--seed", type=int, default=d.seed, help="seeds the data, the adapters' init and the data order")
+    ap.add_argument("--rounds-stage1", type=int, default=d.rounds_stage1, help="rounds of stage 1 (R1)")
+    ap.add_argument("--rounds-stage2", type=int, default=d.rounds_stage2, help="rounds of stage 2, CT-MoA (R2)")
+    ap.add_argument("--local-epochs", type=int, default=d.local_epochs, help="local epochs per round (E)")
+    ap.add_argument("--top-m", type=int, default=d.top_m, help="ATA's number of nearest neighbours (M)")
+    ap.add_argument("--backbone", default=d.backbone, help="'tiny' (embedded, cached) or a LLaVA checkpoint dir / HF id")
+    ap.add_argument("--out", default=d.out, help="output dir (default runs/scenario-<S>-<method>-seed<seed>)")
+    ap.add_argument("--device", default=d.device, choices=["cpu", "cuda"], help="where to train")
+    ap.add_argument("--lr-stage1", type=float, default=d.lr_stage1, help="learning rate, stage 1")
+    ap.add_argument("--lr-stage2", type=float, default=d.lr_stage2, help="learning rate, stage 2")
+    ap.add_argument("--batch-size", type=int, default=d.batch_size, help="local batch size")
+    ap.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank of the text adapter")
+    ap.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA alpha of the text adapter")
+    ap.add_argument("--clients", default=None, help="comma-separated client indices to keep (quick runs)")
+    ap.add_argument("--n-train", type=int, default=None, help="train samples per client (default: scenario's)")
+    ap.add_argument("--n-test", type=int, default=None, help="test samples per client (default: scenario's)")
+    a = ap.parse_args(argv)
+    kw = {k: v for k, v in vars(a).items()}
+    kw["clients"] = [int(x) for x in a.clients.split(",")] if a.clients else None
+    return Config(**kw)
+
+
+if __name__ == "__main__":
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # weight-loading bars say nothing a researcher needs here
+    run(parse_args())

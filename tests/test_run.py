@@ -1,0 +1,72 @@
+"""The backbone's save/load round trip, the client and server steps, and a small end-to-end run."""
+import json
+
+import torch
+from safetensors.torch import load_file
+
+import backbone
+import data
+import pilot
+import run
+
+
+def test_tiny_backbone_round_trips_through_save_pretrained(small_backbone_dir, tmp_path):
+    bb = backbone.load_backbone(str(small_backbone_dir))
+    bb.model.save_pretrained(tmp_path)
+    bb.tokenizer.save_pretrained(tmp_path)
+    bb.image_processor.save_pretrained(tmp_path)
+    again = backbone.load_backbone(str(tmp_path))
+    a, b = bb.model.state_dict(), again.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert again.tokenizer.get_vocab() == bb.tokenizer.get_vocab()
+    assert again.prompt == backbone.LLAVA_PROMPT          # no pilot_backbone.json copied: LLaVA's format
+    s = data.make_scenario("A", 0, limit_clients=[4], n_train=1, n_test=1)[0].train[0]
+    assert torch.equal(bb.pixels([s.image]), again.pixels([s.image]))
+    assert all(not p.requires_grad for p in again.model.parameters())
+
+
+def _setup(small_backbone_dir, clients=(0, 2)):
+    cfg = run.Config(clients=list(clients), n_train=8, n_test=3, batch_size=4, backbone=str(small_backbone_dir))
+    bb = backbone.load_backbone(cfg.backbone)
+    pilot.install_lora(bb.model.model.language_model, cfg.lora_r, cfg.lora_alpha, seed=0)
+    cs = data.make_scenario("A", 0, cfg.clients, cfg.n_train, cfg.n_test)
+    return cfg, bb, [run.prepare_client(bb, c, "cpu") for c in cs]
+
+
+def test_client_round_uploads_only_task_adapter_and_text_adapter(small_backbone_dir):
+    cfg, bb, cts = _setup(small_backbone_dir)
+    tasks = ["caption", "vqa"]
+    theta0 = {k: v.detach().clone() for k, v in pilot.lora_state(bb.model).items()}
+    up, private, st = run.client_round(bb, cts[0], dict(theta0), {}, 1, tasks, cfg, 0, log_bar=False)
+    assert set(up) == set(theta0) | {f"task_adapter.linear_{i}.{w}" for i in (1, 2) for w in ("weight", "bias")}
+    assert set(private) == {f"client_adapter.linear_{i}.{w}" for i in (1, 2) for w in ("weight", "bias")}
+    assert any(not torch.equal(up[k], theta0[k]) for k in theta0)          # training changed Θ^l
+    downloads = run.server_round([up, up], ["caption", "vqa"], [8, 8], top_m=3)
+    assert set(downloads[0]) == set(theta0) | {f"global_task_adapter.{t}.linear_{i}.{w}" for t in tasks
+                                               for i in (1, 2) for w in ("weight", "bias")}
+    up2, private2, _ = run.client_round(bb, cts[0], downloads[0], private, 2, tasks, cfg, 1, log_bar=False)
+    assert not any(k.startswith(("client_adapter", "cross_adapter", "router")) for k in up2)
+    assert {k.split(".")[0] for k in private2} == {"client_adapter", "cross_adapter", "router"}
+    assert all(torch.equal(private2[k], private[k]) for k in private)     # ψ_s frozen in stage 2
+
+
+def test_end_to_end_two_clients_writes_results(small_backbone_dir, tmp_path):
+    cfg = run.Config(clients=[0, 4], n_train=8, n_test=3, batch_size=4, rounds_stage1=1, rounds_stage2=1,
+                     backbone=str(small_backbone_dir), out=str(tmp_path / "out"), top_m=1)
+    res = run.run(cfg, log=lambda *a: None)
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    for key in ("scenario", "seed", "method", "backbone", "clients", "per_task", "average", "bytes_up",
+                "bytes_down", "wall_s"):
+        assert key in saved
+    assert saved["scenario"] == "A" and saved["method"] == "pilot" and saved["seed"] == 0
+    assert [c["task"] for c in saved["clients"]] == ["caption", "grounding"]
+    for c in saved["clients"]:
+        assert {"id", "task", "n_train", "n_test", "metric", "score"} <= set(c) and 0 <= c["score"]
+    assert set(saved["per_task"]) == {"caption", "grounding"}
+    assert saved["average"] == round(sum(saved["per_task"].values()) / 2, 2)
+    assert saved["bytes_up"] > 0 and saved["bytes_down"] > saved["bytes_up"]
+    assert "| 0 | caption | cider | 8 | 3 |" in (tmp_path / "out" / "results.md").read_text()
+    state = load_file(str(tmp_path / "out" / "client_0.safetensors"))
+    assert any(k.startswith("private.client_adapter.") for k in state)
+    assert any(k.startswith("global_task_adapter.grounding.") for k in state)
+    assert res["average"] == saved["average"]

@@ -141,7 +141,8 @@ class CTMoAConnector(nn.Module):
         self.cross_adapter = nn.ParameterDict({
             "w1": nn.Parameter(torch.zeros(f, c, c_v)), "b1": nn.Parameter(torch.zeros(f, c)),
             "w2": nn.Parameter(torch.zeros(f, c, c)), "b2": nn.Parameter(torch.zeros(f, c))})
-        self.router = nn.Linear(c_v, n_tasks)
+        # one expert (ablation pilot-no-ctmoa) needs no router: its weight is always 1
+        self.router = nn.Linear(c_v, n_tasks) if n_tasks > 1 else None
 
     def mlps(self):
         """(W1 [M, C, C_v], b1 [M, C], W2 [M, C, C], b2 [M, C]) of every MLP in the sum, in the
@@ -157,8 +158,8 @@ class CTMoAConnector(nn.Module):
 
     def forward(self, h_v):
         b, n, _ = h_v.shape
-        logits = self.router(h_v)                                   # [B, N, T]
-        p = logits.float().softmax(-1).to(h_v.dtype)
+        logits = self.router(h_v) if self.router is not None else None   # [B, N, T]
+        p = logits.float().softmax(-1).to(h_v.dtype) if logits is not None else h_v.new_ones(b, n, 1)
         coef = torch.cat([p, p[..., 1:]], -1)                       # own, foreign, cross
         if self.client_adapter is not None:
             coef = torch.cat([coef, coef.new_ones(b, n, 1)], -1)     # ψ_s enters with weight 1
@@ -167,6 +168,8 @@ class CTMoAConnector(nn.Module):
         g = F.gelu(h_v @ w1.reshape(m * c, -1).t() + b1.reshape(-1))  # [B, N, M*C]
         g = (g.view(b, n, m, c) * coef[..., None]).view(b, n, m * c)
         x = g @ w2.transpose(1, 2).reshape(m * c, c) + coef @ b2    # Σ_i coef_i (W2_i g_i + b2_i)
+        if logits is None:
+            return x, x.new_zeros(())
         l_b, l_z = router_losses(logits)
         return x, LAMBDA_B * l_b + LAMBDA_Z * l_z
 
@@ -220,7 +223,9 @@ def build_ctmoa(c_v, c, projector: dict, tasks, own_task, global_tasks: dict, pr
             conn.cross_adapter["w1"].copy_(projector["linear_1.weight"].expand_as(conn.cross_adapter["w1"]))
             conn.cross_adapter["b1"].copy_(projector["linear_1.bias"].expand_as(conn.cross_adapter["b1"]))
         router = sub_state(private, "router.")
-        if router:
+        if conn.router is None:
+            pass
+        elif router:
             conn.router.load_state_dict(router)
         else:
             g = torch.Generator().manual_seed(seed)

@@ -17,7 +17,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import aggregate
 import backbone as bbmod
+import compare
 import data
 import pilot
 
@@ -50,6 +51,8 @@ class Config:
     lora_r: int = 8
     lora_alpha: float = 16.0
     eval_batch_size: int = 50
+    mu: float = 0.01            # FedProx's μ
+    eval_every_round: bool = False
     # shrinking the scenario (tests, quick looks): None keeps the scenario's own sizes
     clients: list = None
     n_train: int = None
@@ -57,7 +60,30 @@ class Config:
 
 
 MAX_NEW_TOKENS = {"caption": 24, "vqa": 4, "grounding": 26, "ocr": 6}
-METHODS = ("pilot",)
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a method does, as switches over one implementation (an ablation changes one field)."""
+    connector: str = "pilot"        # "pilot" (stage 1 / CT-MoA connectors) or "mlp" (one plain projector-shaped MLP)
+    client_adapter: bool = True     # ψ_s and L_d in stage 1 (and ψ_s in stage 2 when client_in_stage2)
+    client_in_stage2: bool = True   # ψ_s (frozen) in the stage-2 sum
+    ctmoa: bool = True              # stage 2 mixes all tasks' adapters; False: own task adapter only
+    text_agg: str = "ata"           # Θ^l: "ata", "fedavg" or "none" (no communication)
+    visual_agg: str = "task"        # connector: "task" (per task), "all" (FedAvg over clients) or "none"
+    prox: bool = False              # FedProx's proximal term (μ/2)||θ − θ_round_start||² (μ = --mu)
+
+
+METHODS = {
+    "local": Method(connector="mlp", text_agg="none", visual_agg="none"),
+    "fedavg": Method(connector="mlp", text_agg="fedavg", visual_agg="all"),
+    "fedprox": Method(connector="mlp", text_agg="fedavg", visual_agg="all", prox=True),
+    "pilot": Method(),
+    "pilot-no-stage1": Method(client_adapter=False),
+    "pilot-no-ctmoa": Method(ctmoa=False),
+    "pilot-no-ata": Method(text_agg="fedavg"),
+    "pilot-no-client-s2": Method(client_in_stage2=False),
+}
 
 
 # ----------------------------------------------------------------------------- client side
@@ -83,15 +109,18 @@ def prepare_client(bb, c: data.ClientData, device) -> ClientTensors:
                          feats(c.test), [bb.encode(s)[0] for s in c.test], c.test)
 
 
-def build_connector(bb, stage, tasks, own_task, download, private, seed):
+def build_connector(bb, stage, tasks, own_task, download, private, seed, method=METHODS["pilot"]):
     """The connector a client trains (or is evaluated with) in this stage, from its download and
-    private state. Round 1 of stage 1 has no global task adapters yet: ψ_t starts from the projector."""
+    private state. Round 1 has no global task adapters yet: ψ_t starts from the projector."""
     c_v, c = bb.dims
     proj = pilot.projector_state(bb.model)
     globals_ = {t: pilot.sub_state(download, f"global_task_adapter.{t}.") for t in tasks}
+    if method.connector == "mlp":  # FedAvg family and Local: the projector-shaped MLP alone
+        return pilot.build_stage1(c_v, c, proj, globals_.get(own_task) or None, use_client=False)
     if stage == 1:
-        return pilot.build_stage1(c_v, c, proj, globals_.get(own_task) or None, private)
-    return pilot.build_ctmoa(c_v, c, proj, tasks, own_task, globals_, private, seed=seed)
+        return pilot.build_stage1(c_v, c, proj, globals_.get(own_task) or None, private, method.client_adapter)
+    return pilot.build_ctmoa(c_v, c, proj, tasks if method.ctmoa else [own_task], own_task, globals_, private,
+                             use_client=method.client_adapter and method.client_in_stage2, seed=seed)
 
 
 def load_text_adapter(model, download):
@@ -107,9 +136,12 @@ def client_round(bb, ct: ClientTensors, download, private, stage, tasks, cfg: Co
     'task_adapter.*' (Θ^a) and 'lora.*' (Θ^l); ψ_s, ψ^c and φ stay in private."""
     model = bb.model
     device = model.device
+    method = METHODS[cfg.method]
     load_text_adapter(model, download)
-    conn = build_connector(bb, stage, tasks, ct.task, download, private, seed=cfg.seed * 1000 + ct.id).to(device)
-    params = list(pilot.trainable_parameters(model, conn).values())
+    conn = build_connector(bb, stage, tasks, ct.task, download, private, cfg.seed * 1000 + ct.id, method).to(device)
+    trainable = pilot.trainable_parameters(model, conn)
+    params = list(trainable.values())
+    anchor = [p.detach().clone() for p in params] if method.prox else None
     lr = cfg.lr_stage1 if stage == 1 else cfg.lr_stage2
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     n = len(ct.items_train)
@@ -125,6 +157,8 @@ def client_round(bb, ct: ClientTensors, download, private, stage, tasks, cfg: Co
             x_img, aux = conn(ct.h_train[idx])
             ce = pilot.lm_loss(model, x_img, ids.to(device), mask.to(device), labels.to(device))
             loss = ce + aux
+            if anchor is not None:  # FedProx: stay near the round's starting point
+                loss = loss + cfg.mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(params, anchor))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -136,8 +170,10 @@ def client_round(bb, ct: ClientTensors, download, private, stage, tasks, cfg: Co
     model.eval().requires_grad_(False)
     up_conn, new_private = pilot.split_connector_state(conn)
     upload = {**up_conn, **{k: v.detach().clone().float() for k, v in pilot.lora_state(model).items()}}
-    del opt, sched, conn  # nothing of this client's optimisation outlives its round
-    return upload, {**private, **new_private}, {"loss_first": losses[0], "loss_last": losses[-1], "steps": steps}
+    stats = {"loss_first": losses[0], "loss_last": losses[-1], "steps": steps,
+             "trainable_params": sum(p.numel() for p in params), "upload_params": sum(v.numel() for v in upload.values())}
+    del opt, sched, conn, trainable, params, anchor  # nothing of this client's optimisation outlives its round
+    return upload, {**private, **new_private}, stats
 
 
 @torch.no_grad()
@@ -146,7 +182,7 @@ def evaluate_client(bb, ct: ClientTensors, download, private, stage, tasks, cfg:
     tensors; returns (score in percent units, predictions)."""
     model = bb.model
     load_text_adapter(model, download)
-    conn = build_connector(bb, stage, tasks, ct.task, download, private, seed=0).to(model.device).eval()
+    conn = build_connector(bb, stage, tasks, ct.task, download, private, 0, METHODS[cfg.method]).to(model.device).eval()
     preds = []
     for i in range(0, len(ct.prompts_test), cfg.eval_batch_size):
         prompts = ct.prompts_test[i:i + cfg.eval_batch_size]
@@ -160,15 +196,29 @@ def evaluate_client(bb, ct: ClientTensors, download, private, stage, tasks, cfg:
 
 
 # ----------------------------------------------------------------------------- server side
-def server_round(uploads, tasks, n, top_m):
-    """Aggregate one round's uploads (client order) into each client's download:
-    all T global task adapters ψ^t_τ (task-aware visual aggregation) and its own Θ̄^l_k (ATA)."""
-    task_adapters = [pilot.sub_state(u, "task_adapter.") for u in uploads]
+def server_round(uploads, tasks, n, top_m, method=METHODS["pilot"]):
+    """Aggregate one round's uploads (client order) into each client's download. Pilot: all T
+    global task adapters ψ^t_τ (task-aware visual aggregation) and the client's own Θ̄^l_k (ATA).
+    FedAvg: the one sample-weighted average of both. Local ("none"): the client's own upload back."""
+    K = len(uploads)
+    adapters = [pilot.sub_state(u, "task_adapter.") for u in uploads]
     text = [{k: v for k, v in u.items() if k.startswith("lora.")} for u in uploads]
-    global_tasks = aggregate.task_aware_visual(task_adapters, tasks, n)
-    personal, _ = aggregate.adaptive_text(text, n, top_m)
-    shared = {f"global_task_adapter.{t}.{k}": v for t, sd in global_tasks.items() for k, v in sd.items()}
-    return [{**shared, **personal[k]} for k in range(len(uploads))]
+    if method.text_agg == "ata":
+        text, _ = aggregate.adaptive_text(text, n, top_m)
+    elif method.text_agg == "fedavg":
+        text = [aggregate.fedavg(text, n)] * K
+    prefixed = lambda task, sd: {f"global_task_adapter.{task}.{k}": v for k, v in sd.items()}
+    if method.visual_agg == "task":
+        shared = {}
+        for t, sd in aggregate.task_aware_visual(adapters, tasks, n).items():
+            shared.update(prefixed(t, sd))
+        visual = [shared] * K
+    elif method.visual_agg == "all":
+        avg = aggregate.fedavg(adapters, n)
+        visual = [prefixed(tasks[k], avg) for k in range(K)]
+    else:
+        visual = [prefixed(tasks[k], adapters[k]) for k in range(K)]
+    return [{**visual[k], **text[k]} for k in range(K)]
 
 
 def nbytes(state):
@@ -188,9 +238,25 @@ def results_table(res):
     return "\n".join(lines)
 
 
+def evaluate_all(bb, cts, downloads, private, stage, tasks, cfg):
+    """Every client's score on its own test set, and the per-task and overall averages."""
+    rows = []
+    for k, ct in enumerate(cts):
+        s, preds = evaluate_client(bb, ct, downloads[k], private[k], stage, tasks, cfg)
+        rows.append({"id": ct.id, "task": ct.task, "n_train": len(ct.items_train), "n_test": len(ct.test),
+                     "metric": data.METRICS[ct.task], "score": round(s, 2), "examples": [
+                         {"question": t.question, "answer": t.answer, "prediction": p}
+                         for t, p in zip(ct.test[:3], preds[:3])]})
+    per_task = {t: round(sum(r["score"] for r in rows if r["task"] == t) / sum(r["task"] == t for r in rows), 2)
+                for t in tasks}
+    return rows, per_task, round(sum(per_task.values()) / len(per_task), 2)
+
+
 def run(cfg: Config, log=print):
+    """One federated run of cfg.method; writes and returns results.json's content."""
     t0 = time.time()
     torch.manual_seed(cfg.seed)
+    method = METHODS[cfg.method]
     out = Path(cfg.out or f"runs/scenario-{cfg.scenario}-{cfg.method}-seed{cfg.seed}")
     bb = bbmod.load_backbone(cfg.backbone, device=cfg.device, log=log)
     # Θ^l's initial value is the server's: one seed, the same for every client, so that ATA's
@@ -204,12 +270,15 @@ def run(cfg: Config, log=print):
     tasks = sorted(set(tasks_of), key=data.TASKS.index)
     n = [len(c.train) for c in clients]
     cts = [prepare_client(bb, c, cfg.device) for c in clients]
-    log(f"scenario {cfg.scenario}: {len(clients)} clients, tasks {tasks}, train sizes {n}")
+    log(f"scenario {cfg.scenario}, method {cfg.method}, seed {cfg.seed}: {len(clients)} clients, "
+        f"tasks {tasks}, train sizes {n}")
 
+    communicates = method.text_agg != "none"   # Local sends and receives nothing
     downloads = [dict(theta0) for _ in clients]
     private = [{} for _ in clients]
-    bytes_up, bytes_down = 0, sum(nbytes(d) for d in downloads)
+    bytes_up, bytes_down = 0, sum(nbytes(d) for d in downloads) if communicates else 0
     rounds = cfg.rounds_stage1 + cfg.rounds_stage2
+    history, trainable, upload_params = [], 0, 0
     stage = 1
     for r in range(rounds):
         stage = 1 if r < cfg.rounds_stage1 else 2
@@ -219,24 +288,25 @@ def run(cfg: Config, log=print):
             up, private[k], st = client_round(bb, ct, downloads[k], private[k], stage, tasks, cfg, r)
             uploads.append(up)
             losses.append(st["loss_last"])
-        downloads = server_round(uploads, tasks_of, n, cfg.top_m)
-        ru, rd = sum(nbytes(u) for u in uploads), sum(nbytes(d) for d in downloads)
+            trainable, upload_params = max(trainable, st["trainable_params"]), max(upload_params, st["upload_params"])
+        downloads = server_round(uploads, tasks_of, n, cfg.top_m, method)
+        ru, rd = (sum(nbytes(u) for u in uploads), sum(nbytes(d) for d in downloads)) if communicates else (0, 0)
         bytes_up, bytes_down = bytes_up + ru, bytes_down + rd
-        log(f"round {r + 1}/{rounds} (stage {stage}): mean last loss {sum(losses) / len(losses):.3f}, "
-            f"up {ru / 1e6:.2f} MB, down {rd / 1e6:.2f} MB, {time.time() - tr:.1f} s")
+        line = (f"round {r + 1}/{rounds} (stage {stage}): mean last loss {sum(losses) / len(losses):.3f}, "
+                f"up {ru / 1e6:.2f} MB, down {rd / 1e6:.2f} MB, {time.time() - tr:.1f} s")
+        if cfg.eval_every_round and r < rounds - 1:
+            _, pt, avg = evaluate_all(bb, cts, downloads, private, stage, tasks, cfg)
+            history.append({"round": r + 1, "per_task": pt, "average": avg})
+            line += f", average score {avg:.1f}"
+        log(line)
 
-    rows = []
-    for k, ct in enumerate(cts):
-        s, preds = evaluate_client(bb, ct, downloads[k], private[k], stage, tasks, cfg)
-        rows.append({"id": ct.id, "task": ct.task, "n_train": n[k], "n_test": len(ct.test),
-                     "metric": data.METRICS[ct.task], "score": round(s, 2), "examples": [
-                         {"question": t.question, "answer": t.answer, "prediction": p}
-                         for t, p in zip(ct.test[:3], preds[:3])]})
-    per_task = {t: round(sum(r["score"] for r in rows if r["task"] == t) / sum(r["task"] == t for r in rows), 2)
-                for t in tasks}
+    rows, per_task, average = evaluate_all(bb, cts, downloads, private, stage, tasks, cfg)
+    history.append({"round": rounds, "per_task": per_task, "average": average})
     res = {"scenario": cfg.scenario, "seed": cfg.seed, "method": cfg.method, "backbone": cfg.backbone,
-           "clients": rows, "per_task": per_task, "average": round(sum(per_task.values()) / len(per_task), 2),
+           "clients": rows, "per_task": per_task, "average": average,
            "bytes_up": bytes_up, "bytes_down": bytes_down, "wall_s": round(time.time() - t0, 1),
+           "rounds": history if cfg.eval_every_round else history[-1:],
+           "trainable_params": trainable, "communicated_params": upload_params if communicates else 0,
            "config": asdict(cfg)}
     out.mkdir(parents=True, exist_ok=True)
     for k in range(len(cts)):
@@ -249,13 +319,36 @@ def run(cfg: Config, log=print):
     return res
 
 
+def run_comparison(cfg: Config, methods, seeds, log=print):
+    """Every method for every seed on the same data and backbone, then compare.json / .md / plots."""
+    t0 = time.time()
+    out = Path(cfg.out or f"runs/compare-{cfg.scenario}")
+    results = {m: [] for m in methods}
+    for m in methods:
+        for s in seeds:
+            results[m].append(run(replace(cfg, method=m, seed=s, out=str(out / f"{m}-seed{s}")), log=log))
+    summary = compare.summarise(cfg.scenario, seeds, results)
+    summary["wall_s"] = round(time.time() - t0, 1)
+    (out / "compare.json").write_text(json.dumps(summary, indent=1))
+    table = compare.markdown(summary)
+    (out / "compare.md").write_text(table + "\n")
+    log("\n" + table)
+    log(compare.plots(summary, out))
+    log(f"wrote {out}/compare.json, compare.md; wall time {summary['wall_s']:.0f} s")
+    return summary
+
+
 def parse_args(argv=None):
     d = Config()
     ap = argparse.ArgumentParser(description="Pilot federated multimodal instruction tuning (simulated clients).")
     ap.add_argument("--scenario", default=d.scenario, choices=sorted(data.SCENARIOS),
                     help="A: caption/VQA/grounding, 6 clients; B: adds text reading, 8 unbalanced clients")
-    ap.add_argument("--method", default=d.method, choices=METHODS, help="federated method")
+    ap.add_argument("--method", default=d.method, choices=list(METHODS), help="federated method or ablation")
+    ap.add_argument("--methods", default=None, help="comparison: comma-separated methods, or 'all'")
     ap.add_argument("--seed", type=int, default=d.seed, help="seeds the data, the adapters' init and the data order")
+    ap.add_argument("--seeds", default=None, help="comparison: comma-separated seeds (e.g. 0,1,2)")
+    ap.add_argument("--mu", type=float, default=d.mu, help="FedProx's proximal weight μ")
+    ap.add_argument("--eval-every-round", action="store_true", help="evaluate every client after every round")
     ap.add_argument("--rounds-stage1", type=int, default=d.rounds_stage1, help="rounds of stage 1 (R1)")
     ap.add_argument("--rounds-stage2", type=int, default=d.rounds_stage2, help="rounds of stage 2, CT-MoA (R2)")
     ap.add_argument("--local-epochs", type=int, default=d.local_epochs, help="local epochs per round (E)")
@@ -272,12 +365,21 @@ def parse_args(argv=None):
     ap.add_argument("--n-train", type=int, default=None, help="train samples per client (default: scenario's)")
     ap.add_argument("--n-test", type=int, default=None, help="test samples per client (default: scenario's)")
     a = ap.parse_args(argv)
-    kw = {k: v for k, v in vars(a).items()}
+    kw = {k: v for k, v in vars(a).items() if k not in ("methods", "seeds")}
     kw["clients"] = [int(x) for x in a.clients.split(",")] if a.clients else None
-    return Config(**kw)
+    methods = None if a.methods is None else list(METHODS) if a.methods == "all" else a.methods.split(",")
+    for m in methods or []:
+        if m not in METHODS:
+            ap.error(f"unknown method {m!r} in --methods; choose from {', '.join(METHODS)}")
+    seeds = None if a.seeds is None else [int(x) for x in a.seeds.split(",")]
+    return Config(**kw), methods, seeds
 
 
 if __name__ == "__main__":
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # weight-loading bars say nothing a researcher needs here
-    run(parse_args())
+    cfg, methods, seeds = parse_args()
+    if methods or seeds:
+        run_comparison(cfg, methods or [cfg.method], seeds or [cfg.seed])
+    else:
+        run(cfg)

@@ -1,0 +1,103 @@
+"""
+Summaries of several runs: mean ± std over seeds per method, a paper-style markdown table, plots.
+
+    python run.py --scenario A --methods all --seeds 0,1,2      # runs everything, then calls these
+
+Pure functions of results.json contents; matplotlib is optional (plots are skipped, with one line
+saying so, when it is not installed).
+"""
+import statistics
+from pathlib import Path
+
+
+def _mean_std(xs):
+    # sample standard deviation (n − 1); 0 for a single seed
+    return {"mean": round(statistics.fmean(xs), 2), "std": round(statistics.stdev(xs), 2) if len(xs) > 1 else 0.0}
+
+
+def summarise(scenario, seeds, results):
+    """results: {method: [results.json dict per seed]} -> compare.json's content."""
+    methods = {}
+    for m, runs in results.items():
+        tasks = list(runs[0]["per_task"])
+        n_rounds = len(runs[0]["rounds"])
+        methods[m] = {
+            "per_task": {t: _mean_std([r["per_task"][t] for r in runs]) for t in tasks},
+            "average": _mean_std([r["average"] for r in runs]),
+            "rounds": [_mean_std([r["rounds"][i]["average"] for r in runs]) | {"round": runs[0]["rounds"][i]["round"]}
+                       for i in range(n_rounds)],
+            "bytes_up_per_round": runs[0]["bytes_up"] // max(1, len_rounds(runs[0])),
+            "bytes_down_per_round": runs[0]["bytes_down"] // max(1, len_rounds(runs[0])),
+            "trainable_params": runs[0]["trainable_params"],
+            "communicated_params": runs[0]["communicated_params"],
+            "wall_s": round(sum(r["wall_s"] for r in runs), 1),
+        }
+    return {"scenario": scenario, "seeds": list(seeds), "methods": methods}
+
+
+def len_rounds(res):
+    c = res["config"]
+    return c["rounds_stage1"] + c["rounds_stage2"]
+
+
+def markdown(summary):
+    """Methods as rows, tasks as columns, 'mean ± std', the best mean of each column in bold."""
+    methods = summary["methods"]
+    tasks = list(next(iter(methods.values()))["per_task"])
+    cols = tasks + ["average"]
+    cell = lambda m, c: methods[m]["average"] if c == "average" else methods[m]["per_task"][c]
+    best = {c: max(cell(m, c)["mean"] for m in methods) for c in cols}
+    lines = [f"Scenario {summary['scenario']}, seeds {', '.join(map(str, summary['seeds']))} (mean ± std over seeds)", "",
+             "| method | " + " | ".join(cols) + " | kB up / round | kB down / round | trainable params | communicated params |",
+             "|---" * (len(cols) + 5) + "|"]
+    for m in methods:
+        cells = []
+        for c in cols:
+            v = cell(m, c)
+            txt = f"{v['mean']:.1f} ± {v['std']:.1f}"
+            cells.append(f"**{txt}**" if v["mean"] == best[c] else txt)
+        k = methods[m]
+        lines.append(f"| {m} | " + " | ".join(cells) +
+                     f" | {k['bytes_up_per_round'] / 1e3:,.0f} | {k['bytes_down_per_round'] / 1e3:,.0f}"
+                     f" | {k['trainable_params']:,} | {k['communicated_params']:,} |")
+    return "\n".join(lines)
+
+
+def plots(summary, out: Path) -> str:
+    """compare.png (per-task score by method, error bars = std over seeds) and rounds.png (average
+    score after each round). Returns a one-line report."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plots (pip install matplotlib); tables written"
+    methods = summary["methods"]
+    tasks = list(next(iter(methods.values()))["per_task"]) + ["average"]
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(tasks) * len(methods) / 4), 4.5))
+    width = 0.8 / len(methods)
+    for i, (m, v) in enumerate(methods.items()):
+        vals = [v["per_task"][t] if t != "average" else v["average"] for t in tasks]
+        ax.bar([j + i * width for j in range(len(tasks))], [x["mean"] for x in vals], width,
+               yerr=[x["std"] for x in vals], capsize=2, label=m)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
+    ax.set_ylabel("score (CIDEr-D x100, accuracy %)")
+    ax.set_title(f"Scenario {summary['scenario']}: per-task score by method, seeds {summary['seeds']}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "compare.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m, v in methods.items():
+        xs = [r["round"] for r in v["rounds"]]
+        ax.errorbar(xs, [r["mean"] for r in v["rounds"]], yerr=[r["std"] for r in v["rounds"]], marker="o",
+                    capsize=2, label=m)
+    ax.set_xlabel("round")
+    ax.set_ylabel("average score over tasks")
+    ax.set_title(f"Scenario {summary['scenario']}: average score after each round")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "rounds.png", dpi=120)
+    plt.close(fig)
+    return f"wrote {out}/compare.png, {out}/rounds.png"

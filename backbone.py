@@ -44,11 +44,12 @@ def cache_root() -> Path:
 def tiny_tokenizer():
     """Word-level tokenizer: words carry a leading '▁' (Metaspace), digits and punctuation are
     single tokens, so numbers and boxes are spelled digit by digit and decode back exactly."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     specials = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
     vocab = specials + ["▁"] + ["▁" + w for w in data.VOCAB_WORDS] + data.VOCAB_SYMBOLS
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace("\n", " ")   # LLaVA prompts put a newline after <image>
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
         pre_tokenizers.Split(Regex(r"[0-9]|[^\w▁]"), behavior="isolated")])
@@ -119,7 +120,7 @@ def pretrain(bb, log=print):
     p = PRETRAIN
     corpus = data.pretraining_corpus(p["n_samples"], p["seed"])
     pixels = bb.pixels([s.image for s in corpus])
-    items = [bb.encode(s) for s in corpus]
+    items = [bb.encode(s)[:2] for s in corpus]
     model = bb.model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=0.0)
     steps = p["epochs"] * math.ceil(len(corpus) / p["batch_size"])
@@ -172,17 +173,29 @@ class Backbone:
         return self.model.config.vision_config.hidden_size, self.model.config.text_config.hidden_size
 
     def pixels(self, images):
-        """Float images [3, S, S] in [0, 1] through the backbone's own image processor."""
-        out = self.image_processor(images=list(images), return_tensors="pt", do_rescale=False)
+        """Images through the backbone's own image processor: float tensors [3, S, S] in [0, 1]
+        (synthetic) or image file paths (real data, read with Pillow)."""
+        if all(isinstance(im, torch.Tensor) for im in images):
+            out = self.image_processor(images=list(images), return_tensors="pt", do_rescale=False)
+        else:
+            from PIL import Image
+            out = self.image_processor(images=[Image.open(im).convert("RGB") for im in images], return_tensors="pt")
         return out["pixel_values"]
 
-    def encode(self, sample):
-        """(prompt ids with the image placeholder expanded, answer ids ending in EOS)."""
-        before, after = self.prompt.format(question=sample.question).split("<image>")
+    def encode(self, sample, max_length=None):
+        """(prompt ids with the image placeholder expanded, answer ids ending in EOS, truncated).
+        Past max_length the instruction is cut, never the answer, the image tokens or the template."""
+        pre, rest = self.prompt.split("<image>")
+        mid, post = rest.split("{question}")
         tok = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"] if s.strip() else []
-        img = [self.model.config.image_token_id] * self.n_image_tokens
-        prompt = [self.tokenizer.bos_token_id] + tok(before) + img + tok(after)
-        return prompt, tok(sample.answer) + [self.tokenizer.eos_token_id]
+        head = [self.tokenizer.bos_token_id] + tok(pre) + [self.model.config.image_token_id] * self.n_image_tokens
+        question, tail = tok(mid + sample.question), tok(post)
+        answer = tok(sample.answer) + [self.tokenizer.eos_token_id]
+        room = (max_length or 1 << 30) - len(head) - len(tail) - len(answer)
+        if room < 0:
+            raise ValueError(f"sample {sample.id!r}: its answer ({len(answer)} tokens) with the image and the "
+                             f"template ({len(head) + len(tail)} tokens) exceeds the maximum length {max_length}")
+        return head + question[:room] + tail, answer, len(question) > room
 
 
 def collate(items, pad_id):
@@ -209,17 +222,37 @@ def collate_prompts(prompts, pad_id):
     return ids, mask
 
 
+def chat_prompt(path, tokenizer):
+    """The prompt template from the checkpoint's chat template when it has one (LLaVA-1.5's is the
+    Vicuna v1 format), else LLaVA-1.5's format written out."""
+    try:
+        from transformers import AutoProcessor
+        proc = AutoProcessor.from_pretrained(path)
+    except Exception:  # a checkpoint without a processor config: use the tokenizer's template
+        proc = tokenizer
+    if getattr(proc, "chat_template", None):
+        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "{question}"}]}]
+        text = proc.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+        if text.count("<image>") == 1 and text.count("{question}") == 1:
+            bos = tokenizer.bos_token or ""
+            return (text[len(bos):] if bos and text.startswith(bos) else text).strip()
+    return LLAVA_PROMPT
+
+
 def load_backbone(name="tiny", device="cpu", dtype=torch.float32, log=print) -> Backbone:
     """'tiny' (built and cached on first use) or a directory / hub id of a LLaVA checkpoint in
     Hugging Face format; the same from_pretrained path serves both. Everything is frozen here."""
     from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
     path = tiny_backbone_dir(log) if name == "tiny" else name
+    if name != "tiny" and Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise ValueError(f"--backbone {path}: no config.json there; expected a LLaVA checkpoint in Hugging Face format")
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    # The PIL backend on purpose (it needs only Pillow); the torchvision one would add torchvision.
     processor = AutoImageProcessor.from_pretrained(path, backend="pil")
     meta = Path(path) / "pilot_backbone.json"
-    prompt = json.loads(meta.read_text())["prompt"] if meta.exists() else LLAVA_PROMPT
+    prompt = json.loads(meta.read_text())["prompt"] if meta.exists() else chat_prompt(path, tokenizer)
     return Backbone(model, tokenizer, processor, str(name), prompt)
 
 

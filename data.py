@@ -2,6 +2,7 @@
 Data for Pilot: a synthetic multimodal instruction world, the two scenarios, and the metrics.
 
     python data.py --scenario A            # print a few samples of every client
+    python data.py --scenario A --export DIR   # write it in the LLaVA format (manifest.json + PNGs)
 
 The synthetic world is designed from three principles (PILOT_METHOD.md, "Task: FedMIT"), not tuned
 until any method wins:
@@ -26,10 +27,12 @@ Metrics (hand-written, percent units): CIDEr-D for captions, normalised exact-ma
 and text reading, accuracy at IoU >= 0.5 for grounding (an unparsable box scores 0).
 """
 import argparse
+import json
 import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -87,7 +90,7 @@ NEUTRAL = Domain(random_bg=True)
 
 @dataclass
 class Sample:
-    image: torch.Tensor   # [3, S, S] float in [0, 1]
+    image: object         # a [3, S, S] float tensor in [0, 1] (synthetic) or an image file's path
     question: str
     answer: str
     task: str
@@ -294,6 +297,7 @@ class ClientData:
     train: list
     test: list
     domain: Domain = None
+    name: str = ""
 
 
 def make_scenario(name, seed, limit_clients=None, n_train=None, n_test=None):
@@ -424,11 +428,105 @@ def score(task, predictions, samples) -> float:
     raise ValueError(task)
 
 
+# ----------------------------------------------------------------------------- LLaVA-format data
+class DataError(ValueError):
+    """Bad input data; the message names the file, the record and what is wrong."""
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_llava_records(path, image_folder, task):
+    """Samples from a LLaVA instruction file: a JSON list of {"id", "image", "conversations":
+    [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}.
+    A multi-turn record becomes one sample per (human, gpt) pair, each with the record's image."""
+    records = _read_json(path)
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    out = []
+    for i, r in enumerate(records):
+        where = f"{path}, record {i}" + (f" (id {r.get('id')!r})" if isinstance(r, dict) and "id" in r else "")
+        if not isinstance(r, dict) or "image" not in r or "conversations" not in r:
+            raise DataError(f"{where}: a record needs 'image' and 'conversations'")
+        image = Path(image_folder) / r["image"]
+        if not image.is_file():
+            raise DataError(f"{where}: image file {image} not found")
+        conv = r["conversations"]
+        humans = [t for t in conv if t.get("from") == "human"]
+        gpts = [t for t in conv if t.get("from") == "gpt"]
+        if not gpts:
+            raise DataError(f"{where}: the conversation has no 'gpt' turn")
+        if not humans or "<image>" not in humans[0].get("value", ""):
+            raise DataError(f"{where}: the first human turn has no '<image>' placeholder")
+        for j, (h, g) in enumerate(zip(humans, gpts)):
+            q = h["value"].replace("<image>", "").strip()
+            out.append(Sample(str(image), q, g["value"].strip(), task, id=f"{r.get('id', i)}#{j}"))
+    if not out:
+        raise DataError(f"{path}: no records (an empty client)")
+    return out
+
+
+def load_manifest(path):
+    """Clients from a scenario manifest {"name", "clients": [{"id", "task", "train", "test",
+    "image_folder"}]} whose paths are relative to the manifest's folder."""
+    m = _read_json(path)
+    root = Path(path).parent
+    if not isinstance(m, dict) or not isinstance(m.get("clients"), list) or not m["clients"]:
+        raise DataError(f"{path}: expected {{'name': ..., 'clients': [...]}} with at least one client")
+    clients = []
+    for k, c in enumerate(m["clients"]):
+        cid = c.get("id", k)
+        missing = [key for key in ("task", "train", "test", "image_folder") if key not in c]
+        if missing:
+            raise DataError(f"{path}, client {cid!r}: missing {', '.join(missing)}")
+        if c["task"] not in TASKS:
+            raise DataError(f"{path}, client {cid!r}: unknown task {c['task']!r}; expected one of {', '.join(TASKS)}")
+        folder = root / c["image_folder"]
+        clients.append(ClientData(k, c["task"], load_llava_records(root / c["train"], folder, c["task"]),
+                                  load_llava_records(root / c["test"], folder, c["task"]), name=str(cid)))
+    return m.get("name", Path(path).stem), clients
+
+
+def export_scenario(out_dir, name, seed, **shrink):
+    """Write a synthetic scenario in the LLaVA format (PNG images, one manifest), so that the
+    loader for real data serves it too. Returns the manifest's path."""
+    from PIL import Image
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    manifest = {"name": f"synthetic-{name}-seed{seed}", "clients": []}
+    for c in make_scenario(name, seed, **shrink):
+        cdir = out / f"c{c.id}"
+        cdir.mkdir(exist_ok=True)
+        for split, samples in (("train", c.train), ("test", c.test)):
+            records = []
+            for s in samples:
+                file = f"{s.id}.png"
+                Image.fromarray((s.image.permute(1, 2, 0) * 255).round().byte().numpy()).save(out / "images" / file)
+                records.append({"id": s.id, "image": file, "conversations": [
+                    {"from": "human", "value": "<image>\n" + s.question}, {"from": "gpt", "value": s.answer}]})
+            (cdir / f"{split}.json").write_text(json.dumps(records, indent=1))
+        manifest["clients"].append({"id": f"c{c.id}", "task": c.task, "train": f"c{c.id}/train.json",
+                                    "test": f"c{c.id}/test.json", "image_folder": "images"})
+    path = out / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=1))
+    return path
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("--scenario", default="A", choices=sorted(SCENARIOS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--export", metavar="DIR", help="write the scenario in the LLaVA format (manifest + PNGs) to DIR")
     args = ap.parse_args()
+    if args.export:
+        print(f"wrote {export_scenario(args.export, args.scenario, args.seed)}")
+        raise SystemExit
     for c in make_scenario(args.scenario, args.seed):
         print(f"client {c.id} ({c.task}, {len(c.train)} train / {len(c.test)} test)")
         for s in c.train[:3]:

@@ -48,8 +48,14 @@ class Config:
     lr_stage2: float = 6e-3     # stage 2 at twice stage 1's rate, as in the paper
     batch_size: int = 8
     warmup_ratio: float = 0.03
-    lora_r: int = 8
-    lora_alpha: float = 16.0
+    lora_r: int = None          # None: 8 for the tiny backbone, 64 for real checkpoints (the paper's)
+    lora_alpha: float = None    # None: 16 for tiny, 128 for real checkpoints
+    lora_targets: str = ",".join(pilot.LORA_TARGETS)
+    dtype: str = "fp32"         # frozen weights' dtype: fp32 or bf16 (trainable tensors stay fp32)
+    grad_ckpt: bool = False     # gradient checkpointing in the LLM
+    grad_accum: int = 1
+    max_length: int = 2048      # tokens; longer samples lose instruction words, never answer words
+    data: str = ""              # a scenario manifest of LLaVA-format data (default: synthetic scenario)
     eval_batch_size: int = 50
     mu: float = 0.01            # FedProx's μ
     eval_every_round: bool = False
@@ -60,6 +66,7 @@ class Config:
 
 
 MAX_NEW_TOKENS = {"caption": 24, "vqa": 4, "grounding": 26, "ocr": 6}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -99,14 +106,19 @@ class ClientTensors:
     test: list = field(repr=False)
 
 
-def prepare_client(bb, c: data.ClientData, device) -> ClientTensors:
+def prepare_client(bb, c: data.ClientData, device, max_length=None, log=print) -> ClientTensors:
     """Encode a client's data once. The vision tower is frozen, so H_v = f(X_v) never changes:
     computing it once per image, not once per epoch, is the same model at a fraction of the cost."""
     def feats(samples):
         return torch.cat([pilot.image_features(bb.model, bb.pixels([s.image for s in samples[i:i + 64]]).to(device))
                           for i in range(0, len(samples), 64)])
-    return ClientTensors(c.id, c.task, feats(c.train), [bb.encode(s) for s in c.train],
-                         feats(c.test), [bb.encode(s)[0] for s in c.test], c.test)
+    train, test = [bb.encode(s, max_length) for s in c.train], [bb.encode(s, max_length) for s in c.test]
+    cut = sum(t for _, _, t in train + test)
+    if cut:
+        log(f"warning: client {c.name or c.id}: {cut} of {len(train) + len(test)} samples longer than "
+            f"{max_length} tokens had their instruction truncated (answers are kept whole)")
+    return ClientTensors(c.id, c.task, feats(c.train), [(p, a) for p, a, _ in train],
+                         feats(c.test), [p for p, _, _ in test], c.test)
 
 
 def build_connector(bb, stage, tasks, own_task, download, private, seed, method=METHODS["pilot"]):
@@ -145,22 +157,27 @@ def client_round(bb, ct: ClientTensors, download, private, stage, tasks, cfg: Co
     lr = cfg.lr_stage1 if stage == 1 else cfg.lr_stage2
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     n = len(ct.items_train)
-    steps = cfg.local_epochs * math.ceil(n / cfg.batch_size)
+    micro = cfg.batch_size   # per forward pass; an optimiser step sees batch_size x grad_accum samples
+    steps = cfg.local_epochs * math.ceil(math.ceil(n / micro) / cfg.grad_accum)
     sched = bbmod.cosine_schedule(opt, steps, max(1, round(cfg.warmup_ratio * steps)))
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + round_idx * 1009 + ct.id)
     bar = tqdm(total=steps, desc=f"  client {ct.id} ({ct.task}, stage {stage})", leave=False, disable=not log_bar)
     losses = []
     model.train()
     for _ in range(cfg.local_epochs):
-        for idx in torch.randperm(n, generator=g).split(cfg.batch_size):
-            ids, mask, labels = bbmod.collate([ct.items_train[i] for i in idx], bb.tokenizer.pad_token_id)
-            x_img, aux = conn(ct.h_train[idx])
-            ce = pilot.lm_loss(model, x_img, ids.to(device), mask.to(device), labels.to(device))
-            loss = ce + aux
-            if anchor is not None:  # FedProx: stay near the round's starting point
-                loss = loss + cfg.mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(params, anchor))
+        batches = torch.randperm(n, generator=g).split(micro)
+        for b0 in range(0, len(batches), cfg.grad_accum):
+            group = batches[b0:b0 + cfg.grad_accum]   # one optimiser step over grad_accum micro-batches
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            for idx in group:
+                ids, mask, labels = bbmod.collate([ct.items_train[i] for i in idx], bb.tokenizer.pad_token_id)
+                # the connector runs in fp32 (its tensors are trainable); embed() casts to the LLM's dtype
+                x_img, aux = conn(ct.h_train[idx].float())
+                ce = pilot.lm_loss(model, x_img, ids.to(device), mask.to(device), labels.to(device))
+                loss = ce + aux
+                if anchor is not None:  # FedProx: stay near the round's starting point
+                    loss = loss + cfg.mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(params, anchor))
+                (loss / len(group)).backward()
             opt.step()
             sched.step()
             losses.append(ce.item())
@@ -187,7 +204,7 @@ def evaluate_client(bb, ct: ClientTensors, download, private, stage, tasks, cfg:
     for i in range(0, len(ct.prompts_test), cfg.eval_batch_size):
         prompts = ct.prompts_test[i:i + cfg.eval_batch_size]
         ids, mask = bbmod.collate_prompts(prompts, bb.tokenizer.pad_token_id)
-        x_img, _ = conn(ct.h_test[i:i + len(prompts)])
+        x_img, _ = conn(ct.h_test[i:i + len(prompts)].float())
         out = pilot.generate(model, x_img, ids.to(model.device), mask.to(model.device), MAX_NEW_TOKENS.get(ct.task, 32),
                              bb.tokenizer.eos_token_id, bb.tokenizer.pad_token_id)
         preds += bb.tokenizer.batch_decode(out, skip_special_tokens=True)
@@ -258,18 +275,27 @@ def run(cfg: Config, log=print):
     torch.manual_seed(cfg.seed)
     method = METHODS[cfg.method]
     out = Path(cfg.out or f"runs/scenario-{cfg.scenario}-{cfg.method}-seed{cfg.seed}")
-    bb = bbmod.load_backbone(cfg.backbone, device=cfg.device, log=log)
+    tiny = cfg.backbone == "tiny"
+    r, alpha = cfg.lora_r or (8 if tiny else 64), cfg.lora_alpha or (16.0 if tiny else 128.0)
+    bb = bbmod.load_backbone(cfg.backbone, device=cfg.device, dtype=DTYPES[cfg.dtype], log=log)
     # Θ^l's initial value is the server's: one seed, the same for every client, so that ATA's
     # distances measure what local training changed, not initialisation noise.
-    pilot.install_lora(bb.model.model.language_model, cfg.lora_r, cfg.lora_alpha, seed=cfg.seed)
+    pilot.install_lora(bb.model.model.language_model, r, alpha, targets=tuple(cfg.lora_targets.split(",")), seed=cfg.seed)
     bb.model.to(cfg.device)
+    if cfg.grad_ckpt:
+        bb.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     theta0 = {k: v.detach().clone() for k, v in pilot.lora_state(bb.model).items()}
 
-    clients = data.make_scenario(cfg.scenario, cfg.seed, cfg.clients, cfg.n_train, cfg.n_test)
+    if cfg.data:
+        name, clients = data.load_manifest(cfg.data)
+        cfg = replace(cfg, scenario=name)
+        clients = [c for c in clients if cfg.clients is None or c.id in cfg.clients]
+    else:
+        clients = data.make_scenario(cfg.scenario, cfg.seed, cfg.clients, cfg.n_train, cfg.n_test)
     tasks_of = [c.task for c in clients]
     tasks = sorted(set(tasks_of), key=data.TASKS.index)
     n = [len(c.train) for c in clients]
-    cts = [prepare_client(bb, c, cfg.device) for c in clients]
+    cts = [prepare_client(bb, c, cfg.device, cfg.max_length, log) for c in clients]
     log(f"scenario {cfg.scenario}, method {cfg.method}, seed {cfg.seed}: {len(clients)} clients, "
         f"tasks {tasks}, train sizes {n}")
 
@@ -359,8 +385,14 @@ def parse_args(argv=None):
     ap.add_argument("--lr-stage1", type=float, default=d.lr_stage1, help="learning rate, stage 1")
     ap.add_argument("--lr-stage2", type=float, default=d.lr_stage2, help="learning rate, stage 2")
     ap.add_argument("--batch-size", type=int, default=d.batch_size, help="local batch size")
-    ap.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank of the text adapter")
-    ap.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA alpha of the text adapter")
+    ap.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank (default 8 tiny, 64 real checkpoints)")
+    ap.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA alpha (default 16 tiny, 128 real)")
+    ap.add_argument("--lora-targets", default=d.lora_targets, help="comma-separated names of the LLM's linear layers to adapt")
+    ap.add_argument("--data", default=d.data, help="scenario manifest of LLaVA-format data (default: the synthetic scenario)")
+    ap.add_argument("--dtype", default=d.dtype, choices=list(DTYPES), help="dtype of the frozen weights")
+    ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the LLM")
+    ap.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimiser step")
+    ap.add_argument("--max-length", type=int, default=d.max_length, help="maximum tokens per sample")
     ap.add_argument("--clients", default=None, help="comma-separated client indices to keep (quick runs)")
     ap.add_argument("--n-train", type=int, default=None, help="train samples per client (default: scenario's)")
     ap.add_argument("--n-test", type=int, default=None, help="test samples per client (default: scenario's)")

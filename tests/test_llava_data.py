@@ -1,0 +1,127 @@
+"""Real-checkpoint and real-data paths, without downloading anything: a tiny random LLaVA saved
+with save_pretrained, LLaVA-format data with real PNG files, and every kind of bad input."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import backbone
+import data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    """A random-weight LLaVA in Hugging Face format: real tokenizer and CLIP image processor files."""
+    path = tmp_path_factory.mktemp("llava-hf")
+    tok = backbone.tiny_tokenizer()
+    backbone.tiny_model(tok, seed=3).save_pretrained(path)
+    tok.save_pretrained(path)
+    backbone.tiny_image_processor().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    out = tmp_path_factory.mktemp("exported")
+    return data.export_scenario(out, "A", 0, limit_clients=[0, 2], n_train=6, n_test=2)
+
+
+def test_export_round_trips_through_the_llava_loader(exported):
+    name, clients = data.load_manifest(exported)
+    direct = data.make_scenario("A", 0, [0, 2], 6, 2)
+    assert name == "synthetic-A-seed0" and [c.task for c in clients] == ["caption", "vqa"]
+    for c, d in zip(clients, direct):
+        assert [(s.question, s.answer) for s in c.train] == [(s.question, s.answer) for s in d.train]
+        assert all(Path(s.image).is_file() for s in c.train + c.test)
+
+
+def test_real_checkpoint_loads_with_llava_prompt_and_png_pixels(hf_checkpoint, exported):
+    bb = backbone.load_backbone(str(hf_checkpoint))
+    assert bb.prompt == backbone.LLAVA_PROMPT
+    _, clients = data.load_manifest(exported)
+    px = bb.pixels([s.image for s in clients[0].train[:2]])
+    assert px.shape == (2, 3, 32, 32)
+    prompt, answer, cut = bb.encode(clients[0].train[0])
+    assert bb.tokenizer.unk_token_id not in prompt + answer and not cut
+
+
+def test_run_end_to_end_on_a_saved_checkpoint_and_exported_data(hf_checkpoint, exported, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "run.py", "--backbone", str(hf_checkpoint), "--data", str(exported),
+                           "--rounds-stage1", "1", "--rounds-stage2", "0", "--top-m", "1", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["scenario"] == "synthetic-A-seed0" and [c["task"] for c in res["clients"]] == ["caption", "vqa"]
+    assert res["config"]["data"] == str(exported) and res["bytes_up"] > 0
+
+
+def _write(tmp_path, records, task="vqa", image=True):
+    (tmp_path / "images").mkdir(exist_ok=True)
+    if image:
+        from PIL import Image
+        Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "train.json").write_text(records if isinstance(records, str) else json.dumps(records))
+    (tmp_path / "test.json").write_text(json.dumps([_rec()]))
+    manifest = {"name": "t", "clients": [{"id": "c0", "task": task, "train": "train.json", "test": "test.json",
+                                          "image_folder": "images"}]}
+    (tmp_path / "m.json").write_text(json.dumps(manifest))
+    return tmp_path / "m.json"
+
+
+def _rec(image="a.png", human="<image>\nwhat colour?", gpt="red", id_="r1"):
+    conv = [{"from": "human", "value": human}] + ([{"from": "gpt", "value": gpt}] if gpt is not None else [])
+    return {"id": id_, "image": image, "conversations": conv}
+
+
+@pytest.mark.parametrize("records, task, message", [
+    ("[{not json", "vqa", "train.json: not valid JSON"),
+    ([_rec(image="missing.png")], "vqa", "train.json, record 0 (id 'r1'): image file"),
+    ([_rec(), _rec(human="what colour?", id_="r2")], "vqa", "record 1 (id 'r2'): the first human turn has no '<image>'"),
+    ([_rec(gpt=None)], "vqa", "record 0 (id 'r1'): the conversation has no 'gpt' turn"),
+    ([_rec()], "counting", "client 'c0': unknown task 'counting'"),
+    ([], "vqa", "train.json: no records (an empty client)"),
+])
+def test_bad_input_names_file_and_record(tmp_path, records, task, message):
+    with pytest.raises(data.DataError, match=message.replace("(", r"\(").replace(")", r"\)").replace("'", "'")):
+        data.load_manifest(_write(tmp_path, records, task))
+
+
+def test_unreadable_manifest(tmp_path):
+    (tmp_path / "m.json").write_text("{")
+    with pytest.raises(data.DataError, match="m.json: not valid JSON"):
+        data.load_manifest(tmp_path / "m.json")
+
+
+def test_multi_turn_records_become_one_sample_per_turn(tmp_path):
+    rec = _rec()
+    rec["conversations"] += [{"from": "human", "value": "what shape?"}, {"from": "gpt", "value": "circle"}]
+    _, clients = data.load_manifest(_write(tmp_path, [rec]))
+    assert [(s.question, s.answer) for s in clients[0].train] == [("what colour?", "red"), ("what shape?", "circle")]
+
+
+def test_too_long_sample_truncates_the_instruction_never_the_answer(hf_checkpoint):
+    bb = backbone.load_backbone(str(hf_checkpoint))
+    s = data.Sample(None, "what colour is the circle left of the square at the top?", "red", "vqa", id="x")
+    full_prompt, answer, cut = bb.encode(s)
+    assert not cut
+    prompt, answer2, cut = bb.encode(s, max_length=len(full_prompt) + len(answer) - 3)
+    assert cut and answer2 == answer and len(prompt) + len(answer) == len(full_prompt) + len(answer) - 3
+    assert prompt[-len(bb.tokenizer("ASSISTANT:", add_special_tokens=False)["input_ids"]):] == \
+        full_prompt[-len(bb.tokenizer("ASSISTANT:", add_special_tokens=False)["input_ids"]):]
+    with pytest.raises(ValueError, match="sample 'x'.*exceeds the maximum length"):
+        bb.encode(s, max_length=bb.n_image_tokens)
+
+
+def test_truncations_are_counted_in_a_warning(hf_checkpoint, exported):
+    import run
+    bb = backbone.load_backbone(str(hf_checkpoint))
+    _, clients = data.load_manifest(exported)
+    full = bb.encode(clients[1].train[0])
+    messages = []
+    run.prepare_client(bb, clients[1], "cpu", max_length=len(full[0]) + len(full[1]) - 1, log=messages.append)
+    assert len(messages) == 1 and "client c2:" in messages[0] and "instruction truncated" in messages[0]

@@ -20,7 +20,7 @@ def mix(states, A, keys=None):
     out = [dict() for _ in range(A.shape[0])]
     for key in keys:
         stacked = torch.stack([s[key].float() for s in states]).reshape(K, -1)
-        mixed = (A.to(torch.float64) @ stacked.double()).float()
+        mixed = (A.to(stacked.device, torch.float64) @ stacked.double()).float()
         for k, row in enumerate(mixed):
             out[k][key] = row.reshape(states[0][key].shape)
     return out
@@ -54,7 +54,7 @@ def pairwise_distances(states):
     G = torch.zeros(K, K, dtype=torch.float64)
     for key in states[0]:
         x = torch.stack([s[key].reshape(-1) for s in states]).double()
-        G += x @ x.t()
+        G += (x @ x.t()).cpu()
     sq = G.diagonal()
     d2 = (sq[:, None] + sq[None, :] - 2 * G).clamp_min(0)
     # Cancellation in d² leaves tiny positive values for identical clients: call those exactly 0.

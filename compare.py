@@ -93,6 +93,7 @@ def plots(summary, out: Path) -> str:
         xs = [r["round"] for r in v["rounds"]]
         ax.errorbar(xs, [r["mean"] for r in v["rounds"]], yerr=[r["std"] for r in v["rounds"]], marker="o",
                     capsize=2, label=m)
+    ax.set_xticks([r["round"] for r in next(iter(methods.values()))["rounds"]])
     ax.set_xlabel("round")
     ax.set_ylabel("average score over tasks")
     ax.set_title(f"Scenario {summary['scenario']}: average score after each round")

@@ -186,7 +186,10 @@ def client_round(bb, ct: ClientTensors, download, private, stage, tasks, cfg: Co
     bar.close()
     model.eval().requires_grad_(False)
     up_conn, new_private = pilot.split_connector_state(conn)
-    upload = {**up_conn, **{k: v.detach().clone().float() for k, v in pilot.lora_state(model).items()}}
+    # what leaves the client is a plain CPU state dict, whatever device trained it
+    upload = {**{k: v.cpu() for k, v in up_conn.items()},
+              **{k: v.detach().to("cpu", torch.float32, copy=True) for k, v in pilot.lora_state(model).items()}}
+    new_private = {k: v.cpu() for k, v in new_private.items()}
     stats = {"loss_first": losses[0], "loss_last": losses[-1], "steps": steps,
              "trainable_params": sum(p.numel() for p in params), "upload_params": sum(v.numel() for v in upload.values())}
     del opt, sched, conn, trainable, params, anchor  # nothing of this client's optimisation outlives its round

@@ -89,7 +89,7 @@ def test_connector_switches_per_method_and_stage():
 def test_fedprox_pulls_towards_the_round_start(small_backbone_dir):
     cfg = run.Config(clients=[2], n_train=8, n_test=2, batch_size=4, backbone=str(small_backbone_dir))
     bb = backbone.load_backbone(cfg.backbone)
-    pilot.install_lora(bb.model.model.language_model, cfg.lora_r, cfg.lora_alpha, seed=0)
+    pilot.install_lora(bb.model.model.language_model, 8, 16, seed=0)
     ct = run.prepare_client(bb, data.make_scenario("A", 0, [2], 8, 2)[0], "cpu")
     start = {k: v.detach().clone() for k, v in pilot.lora_state(bb.model).items()}
 

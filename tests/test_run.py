@@ -28,7 +28,7 @@ def test_tiny_backbone_round_trips_through_save_pretrained(small_backbone_dir, t
 def _setup(small_backbone_dir, clients=(0, 2)):
     cfg = run.Config(clients=list(clients), n_train=8, n_test=3, batch_size=4, backbone=str(small_backbone_dir))
     bb = backbone.load_backbone(cfg.backbone)
-    pilot.install_lora(bb.model.model.language_model, cfg.lora_r, cfg.lora_alpha, seed=0)
+    pilot.install_lora(bb.model.model.language_model, 8, 16, seed=0)
     cs = data.make_scenario("A", 0, cfg.clients, cfg.n_train, cfg.n_test)
     return cfg, bb, [run.prepare_client(bb, c, "cpu") for c in cs]
 

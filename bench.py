@@ -1,0 +1,243 @@
+"""
+Benchmarks: what Pilot costs beside plain federated LoRA. Prints a table, writes bench.json.
+
+    python bench.py                      # CPU part (about 5 minutes on 2 cores)
+    python bench.py --device cuda        # adds the GPU part: a LLaVA-1.5-7B-shaped client step
+
+Ratios are measured side by side in one process, after warm-up, as the median of several repeats;
+absolute times are printed too. Nothing here asserts a time.
+"""
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+import aggregate
+import pilot
+
+
+H100_BF16_PEAK = 989e12   # dense bf16 FLOP/s of an H100 SXM, the MFU denominator
+
+
+def timeit(fn, repeats=5, warmup=1, sync=lambda: None):
+    for _ in range(warmup):
+        fn()
+    sync()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+# ----------------------------------------------------------------------------- 1. CT-MoA
+def loop_reference(conn, h_v):
+    """CT-MoA the straightforward way: a Python loop over samples and over experts."""
+    p_all = conn.router(h_v).softmax(-1)
+    ca, out = conn.cross_adapter, []
+    for b in range(h_v.shape[0]):
+        x, p = h_v[b], p_all[b]
+        y = p[:, :1] * conn.task_adapter(x)
+        for i in range(conn.n_tasks - 1):
+            foreign = F.linear(F.gelu(F.linear(x, conn.foreign_w1[i], conn.foreign_b1[i])), conn.foreign_w2[i], conn.foreign_b2[i])
+            cross = F.linear(F.gelu(F.linear(x, ca["w1"][i], ca["b1"][i])), ca["w2"][i], ca["b2"][i])
+            y = y + p[:, i + 1:i + 2] * (foreign + cross)
+        if conn.client_adapter is not None:
+            y = y + conn.client_adapter(x)
+        out.append(y)
+    return torch.stack(out)
+
+
+def bench_ctmoa(b, n, c_v, c, t, device, repeats):
+    g = torch.Generator().manual_seed(0)
+    tasks = [f"t{i}" for i in range(t)]
+    sd = lambda: {"linear_1.weight": torch.randn(c, c_v, generator=g) * 0.02, "linear_1.bias": torch.zeros(c),
+                  "linear_2.weight": torch.randn(c, c, generator=g) * 0.02, "linear_2.bias": torch.zeros(c)}
+    conn = pilot.build_ctmoa(c_v, c, sd(), tasks, "t0", {k: sd() for k in tasks}, {}, seed=0).to(device)
+    with torch.no_grad():
+        for v in conn.cross_adapter.values():
+            v.normal_(0, 0.02)
+    h = torch.randn(b, n, c_v, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step(fn):
+        def run():
+            conn.zero_grad(set_to_none=True)
+            out = fn(h)
+            (out[0] if isinstance(out, tuple) else out).float().pow(2).mean().backward()
+        return run
+    with torch.no_grad():
+        diff = (conn(h)[0] - loop_reference(conn, h)).abs().max().item()
+    tb = timeit(step(conn), repeats, sync=sync)
+    tl = timeit(step(lambda x: loop_reference(conn, x)), repeats, sync=sync)
+    return {"batched_s": tb, "loop_s": tl, "speedup": tl / tb, "max_abs_diff": diff}
+
+
+# ----------------------------------------------------------------------------- 2. one client step
+def bench_step(repeats):
+    """Pilot stage 1 / stage 2 versus FedAvg's plain MLP connector: one local step of the whole
+    model (tiny backbone, batch 8, same samples)."""
+    import backbone
+    import data
+    import run
+    bb = backbone.load_backbone("tiny", log=lambda *a: None)
+    pilot.install_lora(bb.model.model.language_model, 8, 16, seed=0)
+    c = data.make_scenario("A", 0, [2], n_train=8, n_test=1)[0]
+    ct = run.prepare_client(bb, c, "cpu")
+    tasks = ["caption", "vqa", "grounding"]
+    start = {k: v.detach().clone() for k, v in pilot.lora_state(bb.model).items()}
+    down = run.server_round([{**start, **{f"task_adapter.{k}": v for k, v in pilot.projector_state(bb.model).items()}}] * 3,
+                            tasks, [1, 1, 1], 2)[0]
+    out = {}
+    for name, method, stage in (("fedavg", "fedavg", 1), ("stage1", "pilot", 1), ("stage2", "pilot", 2)):
+        cfg = run.Config(method=method, batch_size=8)
+        out[name] = timeit(lambda: run.client_round(bb, ct, down, {}, stage, tasks, cfg, 0, log_bar=False), repeats)
+    return {"fedavg_s": out["fedavg"], "stage1_s": out["stage1"], "stage2_s": out["stage2"],
+            "overhead_stage1": out["stage1"] / out["fedavg"], "overhead_stage2": out["stage2"] / out["fedavg"]}
+
+
+# ----------------------------------------------------------------------------- 3. server aggregation
+def bench_aggregation(k, params, repeats):
+    """ATA versus FedAvg for k clients whose text adapter has `params` parameters (64 tensors)."""
+    g = torch.Generator().manual_seed(0)
+    per = params // 64
+    states = [{f"lora.{i}": torch.randn(per, generator=g) for i in range(64)} for _ in range(k)]
+    n = list(range(1, k + 1))
+    t_avg = timeit(lambda: aggregate.fedavg(states, n), repeats)
+    t_ata = timeit(lambda: aggregate.adaptive_text(states, n, 3), repeats)
+    return {"fedavg_s": t_avg, "ata_s": t_ata, "ratio": t_ata / t_avg}
+
+
+# ----------------------------------------------------------------------------- 4. communication
+def llava7b_config():
+    """LLaVA-1.5-7B's architecture written out (CLIP ViT-L/14-336 + Vicuna-7B), no download."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, image_seq_length=576,
+                       vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+
+def comm_7b(r=64, tasks=3):
+    """Per client per round, from the config: Pilot uploads expert 1 + Θ^l and downloads T task
+    adapters + Θ̄^l; FedAvg uploads and downloads one connector + Θ^l (fp32 tensors)."""
+    cfg = llava7b_config()
+    c_v, c, L, inter = 1024, cfg.text_config.hidden_size, cfg.text_config.num_hidden_layers, cfg.text_config.intermediate_size
+    lora = L * (4 * r * (c + c) + 2 * r * (c + inter) + r * (inter + c))   # q,k,v,o; gate,up; down
+    adapter = c_v * c + c + c * c + c
+    return {"lora_params": lora, "adapter_params": adapter,
+            "pilot_up_params": lora + adapter, "pilot_down_params": lora + tasks * adapter,
+            "fedavg_up_params": lora + adapter, "bytes_up_per_round_pilot_7b": 4 * (lora + adapter)}
+
+
+# ----------------------------------------------------------------------------- 5. GPU: a 7B-shaped client step
+def gpu_step_7b(stage, batch=16, text_tokens=64, steps=3, method="pilot"):
+    """One client's local step on a randomly initialised LLaVA-1.5-7B-shaped model, bf16 frozen
+    weights, fp32 LoRA r 64 and connector, gradient checkpointing."""
+    from transformers import LlavaForConditionalGeneration
+    import run
+    torch.cuda.reset_peak_memory_stats()
+    cfg = llava7b_config()
+    with torch.device("cuda"):
+        model = LlavaForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16).eval().requires_grad_(False)
+    pilot.install_lora(model.model.language_model, 64, 128, seed=0)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n_tok = 576 + text_tokens
+    ids = torch.randint(0, 32000, (batch * steps, n_tok))
+    ids[:, 1:577] = 32000
+    items = [(row[:n_tok - 16].tolist(), row[n_tok - 16:].tolist()) for row in ids]
+    ct = run.ClientTensors(0, "vqa", torch.randn(batch * steps, 576, 1024, device="cuda", dtype=torch.bfloat16), items,
+                           None, [], [])
+    bb = SimpleNamespace(model=model, tokenizer=SimpleNamespace(pad_token_id=0), dims=(1024, 4096))
+    tasks = ["caption", "vqa", "grounding"]
+    proj = pilot.projector_state(model)
+    base = {f"global_task_adapter.{t}.{k}": v for t in tasks for k, v in proj.items()}
+    down = {**base, **{k: v.detach().clone() for k, v in pilot.lora_state(model).items()}}
+    rcfg = run.Config(method=method, batch_size=batch, lora_r=64, lora_alpha=128)
+    run.client_round(bb, SimpleNamespace(**{**ct.__dict__, "items_train": items[:batch], "h_train": ct.h_train[:batch]}),
+                     down, {}, stage, tasks, rcfg, 0, log_bar=False)      # warm-up
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    run.client_round(bb, ct, down, {}, stage, tasks, rcfg, 0, log_bar=False)
+    torch.cuda.synchronize()
+    step_s = (time.perf_counter() - t) / steps
+    tokens = batch * n_tok
+    n_llm = sum(p.numel() for p in model.model.language_model.parameters())
+    flops = 4 * n_llm * tokens     # forward 2N + backward to activations 2N per token (frozen weights), recompute not counted
+    peak = torch.cuda.get_device_properties(0)
+    del model
+    torch.cuda.empty_cache()
+    return {"stage": stage, "method": method, "step_s": step_s, "tokens_per_s": tokens / step_s,
+            "tflops": flops / step_s / 1e12, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "gpu": peak.name}
+
+
+def main():
+    ap = argparse.ArgumentParser(description="Pilot benchmarks")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--out", default="runs/bench.json")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="smaller paper-shape batch (for a fast look)")
+    a = ap.parse_args()
+    res, rows = {}, []
+    b = 2 if a.quick else 16
+    for t in (3, 6):
+        r = bench_ctmoa(b, 576, 1024, 4096, t, a.device, a.repeats)
+        res[f"ctmoa_paper_T{t}"] = r
+        rows.append((f"CT-MoA fwd+bwd, batch {b} x 576 x 1024 -> 4096, T={t}",
+                     f"batched {r['batched_s']:.2f} s, loop {r['loop_s']:.2f} s, speed-up {r['speedup']:.2f}x, max|diff| {r['max_abs_diff']:.1e}"))
+    r = bench_ctmoa(8, 16, 64, 128, 3, "cpu", 20)
+    res["ctmoa_tiny"] = r
+    rows.append(("CT-MoA fwd+bwd, tiny shape 8 x 16 x 64 -> 128, T=3",
+                 f"batched {r['batched_s'] * 1e3:.2f} ms, loop {r['loop_s'] * 1e3:.2f} ms, speed-up {r['speedup']:.2f}x"))
+    res["ctmoa_speedup_paper_shape"] = res["ctmoa_paper_T3"]["speedup"]
+    res["ctmoa_max_abs_diff"] = max(res[k]["max_abs_diff"] for k in ("ctmoa_paper_T3", "ctmoa_paper_T6", "ctmoa_tiny"))
+    r = bench_step(a.repeats)
+    res["step_tiny"] = r
+    res["step_overhead_stage1_tiny"], res["step_overhead_stage2_tiny"] = r["overhead_stage1"], r["overhead_stage2"]
+    rows.append(("one local step, tiny backbone, batch 8: FedAvg / Pilot stage 1 / stage 2",
+                 f"{r['fedavg_s']:.2f} / {r['stage1_s']:.2f} / {r['stage2_s']:.2f} s: overhead {r['overhead_stage1']:.2f}x, {r['overhead_stage2']:.2f}x"))
+    for k in (8, 32, 128):
+        for p in (1_000_000, 40_000_000):
+            if k * p * 4 > 8 * 2**30:
+                continue   # more than 8 GiB of uploads: beyond this machine's comfort
+            r = bench_aggregation(k, p, a.repeats)
+            res[f"agg_k{k}_p{p}"] = r
+            rows.append((f"aggregation K={k}, {p / 1e6:.0f}M params", f"FedAvg {r['fedavg_s']:.3f} s, ATA {r['ata_s']:.3f} s, {r['ratio']:.2f}x"))
+    res["ata_over_fedavg_time_k32"] = res["agg_k32_p40000000"]["ratio"]
+    r = comm_7b()
+    res["comm_7b"] = r
+    res["bytes_up_per_round_pilot_7b"] = r["bytes_up_per_round_pilot_7b"]
+    rows.append(("LLaVA-1.5-7B, LoRA r 64: communicated params per client per round",
+                 f"up {r['pilot_up_params'] / 1e6:.0f}M (Θ^l {r['lora_params'] / 1e6:.0f}M + expert 1 {r['adapter_params'] / 1e6:.0f}M), "
+                 f"down {r['pilot_down_params'] / 1e6:.0f}M"))
+    if a.device == "cuda":
+        for name, stage, method in (("fedavg", 1, "fedavg"), ("stage1", 1, "pilot"), ("stage2", 2, "pilot")):
+            r = gpu_step_7b(stage, method=method)
+            res[f"gpu_7b_{name}"] = r
+            mfu = r["tflops"] * 1e12 / H100_BF16_PEAK if "H100" in r["gpu"] else float("nan")
+            r["mfu_h100"] = mfu
+            rows.append((f"7B-shaped step, {name}, batch 16 x 640 tokens, bf16 + grad ckpt ({r['gpu']})",
+                         f"{r['step_s']:.2f} s, {r['tokens_per_s']:,.0f} tokens/s, {r['tflops']:.0f} TFLOP/s "
+                         f"(MFU {100 * mfu:.0f}%), peak {r['peak_mem_gib']:.1f} GiB"))
+        for name in ("stage1", "stage2"):
+            res[f"step_overhead_{name}_7b"] = res[f"gpu_7b_{name}"]["step_s"] / res["gpu_7b_fedavg"]["step_s"]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=1))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

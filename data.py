@@ -445,7 +445,8 @@ def _read_json(path):
 def load_llava_records(path, image_folder, task):
     """Samples from a LLaVA instruction file: a JSON list of {"id", "image", "conversations":
     [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}.
-    A multi-turn record becomes one sample per (human, gpt) pair, each with the record's image."""
+    A multi-turn record becomes one sample per (human, gpt) pair, each with the record's image. An
+    optional "answers" list (VQAv2's ten human answers) is used by the VQA metric of a 1-turn record."""
     records = _read_json(path)
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
@@ -464,9 +465,10 @@ def load_llava_records(path, image_folder, task):
             raise DataError(f"{where}: the conversation has no 'gpt' turn")
         if not humans or "<image>" not in humans[0].get("value", ""):
             raise DataError(f"{where}: the first human turn has no '<image>' placeholder")
+        extra = {"answers": list(r["answers"])} if isinstance(r.get("answers"), list) and len(humans) == 1 else {}
         for j, (h, g) in enumerate(zip(humans, gpts)):
             q = h["value"].replace("<image>", "").strip()
-            out.append(Sample(str(image), q, g["value"].strip(), task, id=f"{r.get('id', i)}#{j}"))
+            out.append(Sample(str(image), q, g["value"].strip(), task, id=f"{r.get('id', i)}#{j}", extra=dict(extra)))
     if not out:
         raise DataError(f"{path}: no records (an empty client)")
     return out

@@ -118,15 +118,27 @@ def router_losses(logits):
     return l_b, l_z
 
 
+def mixture(h, w1, b1, w2, b2, coef):
+    """Σ_i coef_i MLP_i(h) for M stacked MLPs in one pair of matmuls, no loop over experts:
+    w1 [M, C, C_v] (nn.Linear layout), b1 [M, C], w2 [M, C, C_out] (input-major: y = g @ w2[i]),
+    b2 [M, C_out], coef [B, N, M]. Since Σ_i coef_i g_i W2_i = [coef_1 g_1 | ... | coef_M g_M] [W2_1; ...; W2_M],
+    the mixture folds into the second matmul. Both reshapes are views: no weight is copied."""
+    b, n, _ = h.shape
+    m, c = w1.shape[0], w1.shape[1]
+    g = F.gelu(h @ w1.reshape(m * c, -1).t() + b1.reshape(-1))          # [B, N, M*C]
+    g = (g.view(b, n, m, c) * coef[..., None]).view(b, n, m * c)
+    return g @ w2.reshape(m * c, -1) + coef @ b2
+
+
 class CTMoAConnector(nn.Module):
     """Stage 2, cross-task Mixture-of-Adapters for a client of task τ(k) among T tasks.
 
     Experts in the router's order: 1 = own task adapter (trainable), 2..T = the other tasks' global
     task adapters ψ^t_i (frozen buffers) each plus a trainable cross-task adapter ψ^c_i.
-        P = softmax(φ(H_v)),  x_img = ψ_s(H_v) + Σ_i P_i h_i(H_v)
-    Dense over all T experts and computed batched: every MLP's first layer is one matmul over the
-    concatenated weights, and since Σ_i P_i W2_i g_i = [P_1 g_1 | ... | P_M g_M] [W2_1; ...; W2_M],
-    the mixture folds into one second matmul (no loop over samples or experts)."""
+        P = softmax(φ(H_v)),  x_img = ψ_s(H_v) + P_1 ψ_t(H_v) + Σ_{i≥2} P_i (ψ^t_i(H_v) + ψ^c_i(H_v))
+    Dense over all T experts, batched (no loop over samples or experts). The frozen experts and the
+    trainable cross-task adapters are two separate stacked mixtures, so that backward computes weight
+    gradients for trainable tensors only."""
 
     def __init__(self, c_v: int, c: int, n_tasks: int, use_client: bool = True):
         super().__init__()
@@ -136,7 +148,7 @@ class CTMoAConnector(nn.Module):
         self.client_adapter = MLPAdapter(c_v, c).requires_grad_(False) if use_client else None
         self.register_buffer("foreign_w1", torch.zeros(f, c, c_v))
         self.register_buffer("foreign_b1", torch.zeros(f, c))
-        self.register_buffer("foreign_w2", torch.zeros(f, c, c))
+        self.register_buffer("foreign_w2", torch.zeros(f, c, c))     # input-major, see mixture()
         self.register_buffer("foreign_b2", torch.zeros(f, c))
         self.cross_adapter = nn.ParameterDict({
             "w1": nn.Parameter(torch.zeros(f, c, c_v)), "b1": nn.Parameter(torch.zeros(f, c)),
@@ -144,34 +156,22 @@ class CTMoAConnector(nn.Module):
         # one expert (ablation pilot-no-ctmoa) needs no router: its weight is always 1
         self.router = nn.Linear(c_v, n_tasks) if n_tasks > 1 else None
 
-    def mlps(self):
-        """(W1 [M, C, C_v], b1 [M, C], W2 [M, C, C], b2 [M, C]) of every MLP in the sum, in the
-        order: own expert, foreign ψ^t_2..T, cross ψ^c_2..T, then ψ_s (coefficient 1) if present."""
-        ta, ca = self.task_adapter, self.cross_adapter
-        parts = [(ta.linear_1.weight[None], ta.linear_1.bias[None], ta.linear_2.weight[None], ta.linear_2.bias[None]),
-                 (self.foreign_w1, self.foreign_b1, self.foreign_w2, self.foreign_b2),
-                 (ca["w1"], ca["b1"], ca["w2"], ca["b2"])]
-        if self.client_adapter is not None:
-            cl = self.client_adapter
-            parts.append((cl.linear_1.weight[None], cl.linear_1.bias[None], cl.linear_2.weight[None], cl.linear_2.bias[None]))
-        return [torch.cat(ts) for ts in zip(*parts)]
-
     def forward(self, h_v):
         b, n, _ = h_v.shape
-        logits = self.router(h_v) if self.router is not None else None   # [B, N, T]
-        p = logits.float().softmax(-1).to(h_v.dtype) if logits is not None else h_v.new_ones(b, n, 1)
-        coef = torch.cat([p, p[..., 1:]], -1)                       # own, foreign, cross
+        if self.router is None:
+            x, aux = self.task_adapter(h_v), h_v.new_zeros(())
+        else:
+            logits = self.router(h_v)                                         # [B, N, T]
+            p = logits.float().softmax(-1).to(h_v.dtype)
+            ca, pf = self.cross_adapter, p[..., 1:]
+            x = p[..., :1] * self.task_adapter(h_v)
+            x = x + mixture(h_v, self.foreign_w1, self.foreign_b1, self.foreign_w2, self.foreign_b2, pf)
+            x = x + mixture(h_v, ca["w1"], ca["b1"], ca["w2"], ca["b2"], pf)
+            l_b, l_z = router_losses(logits)
+            aux = LAMBDA_B * l_b + LAMBDA_Z * l_z
         if self.client_adapter is not None:
-            coef = torch.cat([coef, coef.new_ones(b, n, 1)], -1)     # ψ_s enters with weight 1
-        w1, b1, w2, b2 = self.mlps()
-        m, c = w2.shape[0], w2.shape[1]
-        g = F.gelu(h_v @ w1.reshape(m * c, -1).t() + b1.reshape(-1))  # [B, N, M*C]
-        g = (g.view(b, n, m, c) * coef[..., None]).view(b, n, m * c)
-        x = g @ w2.transpose(1, 2).reshape(m * c, c) + coef @ b2    # Σ_i coef_i (W2_i g_i + b2_i)
-        if logits is None:
-            return x, x.new_zeros(())
-        l_b, l_z = router_losses(logits)
-        return x, LAMBDA_B * l_b + LAMBDA_Z * l_z
+            x = x + self.client_adapter(h_v)                                  # ψ_s, weight 1, frozen
+        return x, aux
 
 
 # ----------------------------------------------------------------------------- building the connectors
@@ -214,7 +214,7 @@ def build_ctmoa(c_v, c, projector: dict, tasks, own_task, global_tasks: dict, pr
         for i, t in enumerate(foreign):
             gt = global_tasks[t]
             conn.foreign_w1[i], conn.foreign_b1[i] = gt["linear_1.weight"], gt["linear_1.bias"]
-            conn.foreign_w2[i], conn.foreign_b2[i] = gt["linear_2.weight"], gt["linear_2.bias"]
+            conn.foreign_w2[i], conn.foreign_b2[i] = gt["linear_2.weight"].t(), gt["linear_2.bias"]
         cross = sub_state(private, "cross_adapter.")
         if cross:
             for k, v in cross.items():

@@ -208,7 +208,9 @@ def evaluate_client(bb, ct: ClientTensors, download, private, stage, tasks, cfg:
         prompts = ct.prompts_test[i:i + cfg.eval_batch_size]
         ids, mask = bbmod.collate_prompts(prompts, bb.tokenizer.pad_token_id)
         x_img, _ = conn(ct.h_test[i:i + len(prompts)].float())
-        out = pilot.generate(model, x_img, ids.to(model.device), mask.to(model.device), MAX_NEW_TOKENS.get(ct.task, 32),
+        # the tiny backbone's answers have known lengths; a real model's answers stop at EOS within 64
+        limit = MAX_NEW_TOKENS[ct.task] if cfg.backbone == "tiny" else 64
+        out = pilot.generate(model, x_img, ids.to(model.device), mask.to(model.device), limit,
                              bb.tokenizer.eos_token_id, bb.tokenizer.pad_token_id)
         preds += bb.tokenizer.batch_decode(out, skip_special_tokens=True)
     preds = [p.strip() for p in preds]

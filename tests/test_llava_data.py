@@ -125,3 +125,20 @@ def test_truncations_are_counted_in_a_warning(hf_checkpoint, exported):
     messages = []
     run.prepare_client(bb, clients[1], "cpu", max_length=len(full[0]) + len(full[1]) - 1, log=messages.append)
     assert len(messages) == 1 and "client c2:" in messages[0] and "instruction truncated" in messages[0]
+
+
+def test_example_real_data_manifests_are_well_formed():
+    for name in ("A-real.json", "B-real.json"):
+        m = json.loads((ROOT / "scenarios" / name).read_text())
+        tasks = [c["task"] for c in m["clients"]]
+        assert all(t in data.TASKS for t in tasks)
+        assert all({"id", "task", "train", "test", "image_folder"} <= set(c) for c in m["clients"])
+    assert sorted(set(tasks)) == sorted(data.TASKS) and len(tasks) == 8
+
+
+def test_vqa_answer_lists_reach_the_metric(tmp_path):
+    rec = dict(_rec(gpt="red"), answers=["red", "red", "dark red"] + ["blue"] * 7)
+    _, clients = data.load_manifest(_write(tmp_path, [rec]))
+    s = clients[0].train[0]
+    assert s.extra["answers"][:3] == ["red", "red", "dark red"]
+    assert data.score("vqa", ["dark red"], [s]) == pytest.approx(100 / 3)

@@ -49,7 +49,6 @@ def test_fedavg_averages_everything_over_all_clients_and_local_keeps_its_own():
 
 class _Dims:  # the two numbers build_connector needs from a backbone, plus a projector
     def __init__(self):
-
         proj = torch.nn.Module()
         proj.multi_modal_projector = pilot.MLPAdapter(4, 5)
         self.model = torch.nn.Module()

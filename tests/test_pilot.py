@@ -89,7 +89,7 @@ def test_ctmoa_equals_naive_per_sample_per_expert_reference():
                 p = (conn.router.weight @ x + conn.router.bias).softmax(-1)
                 y = p[0] * mlp(globals_["vqa"], x)                     # expert 1: own task (vqa)
                 for i, t in enumerate(["caption", "grounding"]):       # experts 2..T: foreign + cross
-                    cross = F.linear(F.gelu(F.linear(x, ca["w1"][i], ca["b1"][i])), ca["w2"][i], ca["b2"][i])
+                    cross = F.gelu(F.linear(x, ca["w1"][i], ca["b1"][i])) @ ca["w2"][i] + ca["b2"][i]
                     y = y + p[i + 1] * (mlp(globals_[t], x) + cross)
                 if use_client:
                     y = y + mlp(private, x, "client_adapter.")

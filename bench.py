@@ -24,6 +24,20 @@ import pilot
 H100_BF16_PEAK = 989e12   # dense bf16 FLOP/s of an H100 SXM, the MFU denominator
 
 
+def peak_rss_mb(fn):
+    """Peak resident memory while fn runs, above the resident memory before it (Linux: resets the
+    kernel's high-water mark through /proc/self/clear_refs)."""
+    def rss(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = rss("VmRSS:")
+    fn()
+    return rss("VmHWM:") - before
+
+
 def timeit(fn, repeats=5, warmup=1, sync=lambda: None):
     for _ in range(warmup):
         fn()
@@ -81,15 +95,16 @@ def bench_ctmoa(b, n, c_v, c, t, device, repeats):
 
 
 # ----------------------------------------------------------------------------- 2. one client step
-def bench_step(repeats):
-    """Pilot stage 1 / stage 2 versus FedAvg's plain MLP connector: one local step of the whole
-    model (tiny backbone, batch 8, same samples)."""
+def bench_step(repeats, steps=8):
+    """Pilot stage 1 / stage 2 versus FedAvg's plain MLP connector: one client's local round of
+    `steps` steps of the whole model (tiny backbone, batch 8, same samples), per step, connector
+    set-up and optimiser included."""
     import backbone
     import data
     import run
     bb = backbone.load_backbone("tiny", log=lambda *a: None)
     pilot.install_lora(bb.model.model.language_model, 8, 16, seed=0)
-    c = data.make_scenario("A", 0, [2], n_train=8, n_test=1)[0]
+    c = data.make_scenario("A", 0, [2], n_train=8 * steps, n_test=1)[0]
     ct = run.prepare_client(bb, c, "cpu")
     tasks = ["caption", "vqa", "grounding"]
     start = {k: v.detach().clone() for k, v in pilot.lora_state(bb.model).items()}
@@ -98,9 +113,12 @@ def bench_step(repeats):
     out = {}
     for name, method, stage in (("fedavg", "fedavg", 1), ("stage1", "pilot", 1), ("stage2", "pilot", 2)):
         cfg = run.Config(method=method, batch_size=8)
-        out[name] = timeit(lambda: run.client_round(bb, ct, down, {}, stage, tasks, cfg, 0, log_bar=False), repeats)
+        fn = lambda: run.client_round(bb, ct, down, {}, stage, tasks, cfg, 0, log_bar=False)
+        out[name + "_rss_mb"] = peak_rss_mb(fn)
+        out[name] = timeit(fn, repeats) / steps
     return {"fedavg_s": out["fedavg"], "stage1_s": out["stage1"], "stage2_s": out["stage2"],
-            "overhead_stage1": out["stage1"] / out["fedavg"], "overhead_stage2": out["stage2"] / out["fedavg"]}
+            "overhead_stage1": out["stage1"] / out["fedavg"], "overhead_stage2": out["stage2"] / out["fedavg"],
+            "peak_rss_mb": {k: out[k + "_rss_mb"] for k in ("fedavg", "stage1", "stage2")}}
 
 
 # ----------------------------------------------------------------------------- 3. server aggregation
@@ -110,9 +128,13 @@ def bench_aggregation(k, params, repeats):
     per = params // 64
     states = [{f"lora.{i}": torch.randn(per, generator=g) for i in range(64)} for _ in range(k)]
     n = list(range(1, k + 1))
+    # memory first: freed small blocks stay in the process and would hide a later peak
+    peak = peak_rss_mb(lambda: aggregate.adaptive_text(states, n, 3))
     t_avg = timeit(lambda: aggregate.fedavg(states, n), repeats)
     t_ata = timeit(lambda: aggregate.adaptive_text(states, n, 3), repeats)
-    return {"fedavg_s": t_avg, "ata_s": t_ata, "ratio": t_ata / t_avg}
+    uploads_mb = k * params * 4 / 2**20
+    return {"fedavg_s": t_avg, "ata_s": t_ata, "ratio": t_ata / t_avg, "uploads_mb": uploads_mb,
+            "ata_extra_peak_mb": peak, "one_tensor_per_client_mb": k * per * 4 / 2**20}
 
 
 # ----------------------------------------------------------------------------- 4. communication
@@ -207,14 +229,18 @@ def main():
     res["step_tiny"] = r
     res["step_overhead_stage1_tiny"], res["step_overhead_stage2_tiny"] = r["overhead_stage1"], r["overhead_stage2"]
     rows.append(("one local step, tiny backbone, batch 8: FedAvg / Pilot stage 1 / stage 2",
-                 f"{r['fedavg_s']:.2f} / {r['stage1_s']:.2f} / {r['stage2_s']:.2f} s: overhead {r['overhead_stage1']:.2f}x, {r['overhead_stage2']:.2f}x"))
+                 f"{1e3 * r['fedavg_s']:.1f} / {1e3 * r['stage1_s']:.1f} / {1e3 * r['stage2_s']:.1f} ms: overhead "
+                 f"{r['overhead_stage1']:.2f}x, {r['overhead_stage2']:.2f}x; peak RSS of a round "
+                 + " / ".join(f"{v:.0f}" for v in r["peak_rss_mb"].values()) + " MB above the process"))
     for k in (8, 32, 128):
         for p in (1_000_000, 40_000_000):
             if k * p * 4 > 8 * 2**30:
                 continue   # more than 8 GiB of uploads: beyond this machine's comfort
             r = bench_aggregation(k, p, a.repeats)
             res[f"agg_k{k}_p{p}"] = r
-            rows.append((f"aggregation K={k}, {p / 1e6:.0f}M params", f"FedAvg {r['fedavg_s']:.3f} s, ATA {r['ata_s']:.3f} s, {r['ratio']:.2f}x"))
+            rows.append((f"aggregation K={k}, {p / 1e6:.0f}M params", f"FedAvg {r['fedavg_s']:.3f} s, ATA {r['ata_s']:.3f} s, "
+                         f"{r['ratio']:.2f}x; ATA's peak above its input: {r['ata_extra_peak_mb']:,.0f} MB (uploads {r['uploads_mb']:,.0f} MB, "
+                         f"one tensor per client {r['one_tensor_per_client_mb']:,.1f} MB)"))
     res["ata_over_fedavg_time_k32"] = res["agg_k32_p40000000"]["ratio"]
     r = comm_7b()
     res["comm_7b"] = r

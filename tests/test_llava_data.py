@@ -142,3 +142,18 @@ def test_vqa_answer_lists_reach_the_metric(tmp_path):
     s = clients[0].train[0]
     assert s.extra["answers"][:3] == ["red", "red", "dark red"]
     assert data.score("vqa", ["dark red"], [s]) == pytest.approx(100 / 3)
+
+
+def test_prompt_comes_from_the_chat_template_when_there_is_one(tmp_path):
+    tok = backbone.tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"
+                         "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+                         "{% endif %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}")
+    backbone.tiny_model(tok, seed=3).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    backbone.tiny_image_processor().save_pretrained(tmp_path)
+    bb = backbone.load_backbone(str(tmp_path))
+    assert bb.prompt == "USER: <image>\n{question} ASSISTANT:"
+    s = data.Sample(None, "what colour is the circle?", "red", "vqa")
+    prompt, _, _ = bb.encode(s)
+    assert bb.tokenizer.decode(prompt[-8:]) == "what colour is the circle? ASSISTANT:"

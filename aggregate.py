@@ -92,3 +92,36 @@ def adaptive_text(text_adapters, n, top_m=3):
     """ATA: each client's personalised Θ̄^l_k (a list, in client order) and the matrix used."""
     A = ata_matrix(pairwise_distances(text_adapters), n, top_m)
     return mix(text_adapters, A), A
+
+
+# ----------------------------------------------------------------------------- checking uploads
+def validate_upload(upload, expected):
+    """None when the upload has exactly the expected keys, each with the expected shape and dtype
+    and only finite values; otherwise the reason it is rejected. expected: {key: (shape, dtype)}."""
+    missing, extra = sorted(set(expected) - set(upload)), sorted(set(upload) - set(expected))
+    if missing:
+        return f"missing {len(missing)} tensors (e.g. {missing[0]})"
+    if extra:
+        return f"{len(extra)} unexpected tensors (e.g. {extra[0]})"
+    for key, (shape, dtype) in expected.items():
+        v = upload[key]
+        if tuple(v.shape) != tuple(shape) or v.dtype != dtype:
+            return f"{key}: {tuple(v.shape)} {v.dtype}, expected {tuple(shape)} {dtype}"
+        if not torch.isfinite(v).all():
+            return f"{key}: non-finite values"
+    return None
+
+
+def update_norm(upload, reference):
+    """||upload − reference||₂ over the tensors the reference has (what the client started from)."""
+    return sum(float((upload[k].double() - v.double()).pow(2).sum()) for k, v in reference.items() if k in upload) ** 0.5
+
+
+def norm_screen(norms, factor):
+    """[Our addition beyond the paper] accept an update only if its norm is at most factor times
+    the median norm of the round (None entries: already rejected)."""
+    valid = sorted(x for x in norms if x is not None)
+    if not valid:
+        return [False] * len(norms)
+    median = valid[len(valid) // 2] if len(valid) % 2 else 0.5 * (valid[len(valid) // 2 - 1] + valid[len(valid) // 2])
+    return [x is not None and x <= factor * median for x in norms]

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import aggregate
 import backbone as bbmod
+import checkpoint
 import compare
 import data
 import pilot
@@ -59,6 +60,10 @@ class Config:
     eval_batch_size: int = 50
     mu: float = 0.01            # FedProx's μ
     eval_every_round: bool = False
+    # reliability
+    resume: bool = False        # continue the run checkpointed in OUT
+    faults: str = ""            # fault injection, e.g. "client=3:nan", "client=3:scale=100", "client=3:drop"
+    norm_screen: float = 5.0    # [our addition beyond the paper] reject updates above this x the round's median norm; 0: off
     # shrinking the scenario (tests, quick looks): None keeps the scenario's own sizes
     clients: list = None
     n_train: int = None
@@ -126,11 +131,12 @@ def build_connector(bb, stage, tasks, own_task, download, private, seed, method=
     private state. Round 1 has no global task adapters yet: ψ_t starts from the projector."""
     c_v, c = bb.dims
     proj = pilot.projector_state(bb.model)
-    globals_ = {t: pilot.sub_state(download, f"global_task_adapter.{t}.") for t in tasks}
+    # a task whose clients have never had an upload accepted has no global adapter yet: the projector
+    globals_ = {t: pilot.sub_state(download, f"global_task_adapter.{t}.") or proj for t in tasks}
     if method.connector == "mlp":  # FedAvg family and Local: the projector-shaped MLP alone
-        return pilot.build_stage1(c_v, c, proj, globals_.get(own_task) or None, use_client=False)
+        return pilot.build_stage1(c_v, c, proj, globals_[own_task], use_client=False)
     if stage == 1:
-        return pilot.build_stage1(c_v, c, proj, globals_.get(own_task) or None, private, method.client_adapter)
+        return pilot.build_stage1(c_v, c, proj, globals_[own_task], private, method.client_adapter)
     return pilot.build_ctmoa(c_v, c, proj, tasks if method.ctmoa else [own_task], own_task, globals_, private,
                              use_client=method.client_adapter and method.client_in_stage2, seed=seed)
 
@@ -218,29 +224,102 @@ def evaluate_client(bb, ct: ClientTensors, download, private, stage, tasks, cfg:
 
 
 # ----------------------------------------------------------------------------- server side
-def server_round(uploads, tasks, n, top_m, method=METHODS["pilot"]):
+def server_round(uploads, tasks, n, top_m, method=METHODS["pilot"], previous=None):
     """Aggregate one round's uploads (client order) into each client's download. Pilot: all T
     global task adapters ψ^t_τ (task-aware visual aggregation) and the client's own Θ̄^l_k (ATA).
-    FedAvg: the one sample-weighted average of both. Local ("none"): the client's own upload back."""
-    K = len(uploads)
-    adapters = [pilot.sub_state(u, "task_adapter.") for u in uploads]
-    text = [{k: v for k, v in u.items() if k.startswith("lora.")} for u in uploads]
+    FedAvg: the one sample-weighted average of both. Local ("none"): the client's own upload back.
+    An upload that is None (rejected, or the client failed) takes no part: that client keeps its
+    previous Θ^l (and receives the new global adapters), a task with no upload keeps its previous
+    global task adapter, and a round with no usable upload changes nothing."""
+    ok = [k for k, u in enumerate(uploads) if u is not None]
+    if not ok:                                   # nothing usable: the server state stays as it was
+        return list(previous)
+    ups, tk, nk = [uploads[k] for k in ok], [tasks[k] for k in ok], [n[k] for k in ok]
+    K = len(ok)
+    adapters = [pilot.sub_state(u, "task_adapter.") for u in ups]
+    text = [{k: v for k, v in u.items() if k.startswith("lora.")} for u in ups]
     if method.text_agg == "ata":
-        text, _ = aggregate.adaptive_text(text, n, top_m)
+        text, _ = aggregate.adaptive_text(text, nk, top_m)
     elif method.text_agg == "fedavg":
-        text = [aggregate.fedavg(text, n)] * K
+        text = [aggregate.fedavg(text, nk)] * K
     prefixed = lambda task, sd: {f"global_task_adapter.{task}.{k}": v for k, v in sd.items()}
     if method.visual_agg == "task":
         shared = {}
-        for t, sd in aggregate.task_aware_visual(adapters, tasks, n).items():
+        for t in sorted(set(tasks), key=tasks.index):   # tasks without an upload keep their adapter
+            shared.update({k: v for k, v in (previous[ok[0]] if previous else {}).items()
+                           if k.startswith(f"global_task_adapter.{t}.")})
+        for t, sd in aggregate.task_aware_visual(adapters, tk, nk).items():
             shared.update(prefixed(t, sd))
         visual = [shared] * K
     elif method.visual_agg == "all":
-        avg = aggregate.fedavg(adapters, n)
-        visual = [prefixed(tasks[k], avg) for k in range(K)]
+        avg = aggregate.fedavg(adapters, nk)
+        visual = [prefixed(tk[i], avg) for i in range(K)]
     else:
-        visual = [prefixed(tasks[k], adapters[k]) for k in range(K)]
-    return [{**visual[k], **text[k]} for k in range(K)]
+        visual = [prefixed(tk[i], adapters[i]) for i in range(K)]
+    out = list(previous) if previous else [None] * len(uploads)
+    for i, k in enumerate(ok):
+        out[k] = {**visual[i], **text[i]}
+    if method.visual_agg != "none":      # clients left out still get the new global adapters
+        for k in set(range(len(uploads))) - set(ok):
+            mine = visual[0] if method.visual_agg == "task" else prefixed(tasks[k], avg)
+            out[k] = {**{key: v for key, v in previous[k].items() if key.startswith("lora.")}, **mine}
+    return out
+
+
+def screen_uploads(uploads, downloads, tasks, expected, norm_factor, log=print):  # expected: {key: (shape, dtype)}
+    """The server's checks before aggregation: exact keys, shapes, dtypes, finite values
+    (aggregate.validate_upload), then [our addition beyond the paper] an update-norm screen against
+    the round's median (norm_factor; 0 turns it off). Rejected uploads become None, with a reason logged."""
+    out = list(uploads)
+    for k, u in enumerate(uploads):
+        if u is None:
+            continue
+        reason = aggregate.validate_upload(u, expected)
+        if reason:
+            log(f"  rejected the upload of client {k}: {reason}")
+            out[k] = None
+    if norm_factor:
+        refs = [{**{key: v for key, v in d.items() if key.startswith("lora.")},
+                 **{"task_adapter." + key: v for key, v in pilot.sub_state(d, f"global_task_adapter.{tasks[k]}.").items()}}
+                for k, d in enumerate(downloads)]
+        norms = [aggregate.update_norm(u, refs[k]) if u is not None else None for k, u in enumerate(out)]
+        for k, keep in enumerate(aggregate.norm_screen(norms, norm_factor)):
+            if out[k] is not None and not keep:
+                log(f"  rejected the upload of client {k}: update norm {norms[k]:.3g} above {norm_factor:g} x the round's median")
+                out[k] = None
+    return out
+
+
+def apply_fault(fault, upload, download, task):
+    """Fault injection (tests, robustness runs): 'nan' poisons the upload, 'scale=X' multiplies the
+    client's update by X, 'drop' loses it (the client crashed)."""
+    if fault is None:
+        return upload
+    if fault == "drop":
+        return None
+    if fault == "nan":
+        bad = dict(upload)
+        key = next(iter(bad))
+        bad[key] = bad[key].clone()
+        bad[key].view(-1)[0] = float("nan")
+        return bad
+    if fault.startswith("scale="):
+        x = float(fault.split("=", 1)[1])
+        ref = {**{k: v for k, v in download.items() if k.startswith("lora.")},
+               **{"task_adapter." + k: v for k, v in pilot.sub_state(download, f"global_task_adapter.{task}.").items()}}
+        return {k: ref[k] + x * (v - ref[k]) if k in ref else v for k, v in upload.items()}
+    raise ValueError(f"unknown fault {fault!r}; expected nan, drop or scale=X")
+
+
+def parse_faults(text):
+    """'client=3:nan,client=1:scale=100' -> {3: 'nan', 1: 'scale=100'}."""
+    faults = {}
+    for part in filter(None, (text or "").split(",")):
+        who, _, what = part.partition(":")
+        if not who.startswith("client=") or not what:
+            raise ValueError(f"--faults {part!r}: expected client=<k>:nan|drop|scale=<x>")
+        faults[int(who.split("=", 1)[1])] = what
+    return faults
 
 
 def nbytes(state):
@@ -274,22 +353,62 @@ def evaluate_all(bb, cts, downloads, private, stage, tasks, cfg):
     return rows, per_task, round(sum(per_task.values()) / len(per_task), 2)
 
 
+RESUME_KEYS = ("scenario", "method", "backbone", "seed", "rounds_stage1", "rounds_stage2", "local_epochs", "top_m",
+               "lr_stage1", "lr_stage2", "batch_size", "lora_r", "lora_alpha", "lora_targets", "dtype", "grad_accum",
+               "clients", "n_train", "n_test", "data", "mu", "faults", "norm_screen", "max_length")
+
+
+def reset_peak_memory(device):
+    """Start a new high-water mark of this process's memory (Linux /proc; CUDA's allocator)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory(device):
+    """(peak resident MB since reset_peak_memory, CUDA max allocated MB or None)."""
+    rss = None
+    try:
+        rss = next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        pass
+    return rss, (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None)
+
+
 def run(cfg: Config, log=print):
-    """One federated run of cfg.method; writes and returns results.json's content."""
+    """One federated run of cfg.method; writes and returns results.json's content. The federation
+    state is checkpointed after every client and every aggregation (checkpoint.py); with
+    cfg.resume the run continues from OUT's checkpoint."""
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     method = METHODS[cfg.method]
     out = Path(cfg.out or f"runs/scenario-{cfg.scenario}-{cfg.method}-seed{cfg.seed}")
     tiny = cfg.backbone == "tiny"
-    r, alpha = cfg.lora_r or (8 if tiny else 64), cfg.lora_alpha or (16.0 if tiny else 128.0)
+    lora_r, alpha = cfg.lora_r or (8 if tiny else 64), cfg.lora_alpha or (16.0 if tiny else 128.0)
+    saved = None
+    if cfg.resume:
+        meta = checkpoint.read_meta(out)
+        differ = [k for k in RESUME_KEYS if meta["config"].get(k) != asdict(cfg).get(k)]
+        if differ:
+            raise checkpoint.CheckpointError(
+                f"--resume: the run in {out} was started with other settings: " +
+                ", ".join(f"{k} (saved {meta['config'].get(k)!r}, now {asdict(cfg).get(k)!r})" for k in differ))
+        saved = checkpoint.load(out)
     bb = bbmod.load_backbone(cfg.backbone, device=cfg.device, dtype=DTYPES[cfg.dtype], log=log)
     # Θ^l's initial value is the server's: one seed, the same for every client, so that ATA's
     # distances measure what local training changed, not initialisation noise.
-    pilot.install_lora(bb.model.model.language_model, r, alpha, targets=tuple(cfg.lora_targets.split(",")), seed=cfg.seed)
+    pilot.install_lora(bb.model.model.language_model, lora_r, alpha, targets=tuple(cfg.lora_targets.split(",")), seed=cfg.seed)
     bb.model.to(cfg.device)
     if cfg.grad_ckpt:
         bb.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    theta0 = {k: v.detach().clone() for k, v in pilot.lora_state(bb.model).items()}
+    theta0 = {k: v.detach().clone().cpu() for k, v in pilot.lora_state(bb.model).items()}
+    # what the server accepts: exactly Θ^l's tensors and one projector-shaped task adapter, fp32
+    expected = {**{k: (tuple(v.shape), torch.float32) for k, v in theta0.items()},
+                **{f"task_adapter.{k}": (tuple(v.shape), torch.float32) for k, v in pilot.projector_state(bb.model).items()}}
 
     if cfg.data:
         name, clients = data.load_manifest(cfg.data)
@@ -301,41 +420,76 @@ def run(cfg: Config, log=print):
     tasks = sorted(set(tasks_of), key=data.TASKS.index)
     n = [len(c.train) for c in clients]
     cts = [prepare_client(bb, c, cfg.device, cfg.max_length, log) for c in clients]
+    faults = parse_faults(cfg.faults)
     log(f"scenario {cfg.scenario}, method {cfg.method}, seed {cfg.seed}: {len(clients)} clients, "
         f"tasks {tasks}, train sizes {n}")
 
     communicates = method.text_agg != "none"   # Local sends and receives nothing
-    downloads = [dict(theta0) for _ in clients]
-    private = [{} for _ in clients]
-    bytes_up, bytes_down = 0, sum(nbytes(d) for d in downloads) if communicates else 0
     rounds = cfg.rounds_stage1 + cfg.rounds_stage2
-    history, trainable, upload_params = [], 0, 0
+    K = len(clients)
+    if saved:
+        meta, groups = saved
+        downloads, private = groups["downloads"], [p or {} for p in groups["private"]]
+        uploads = groups["uploads"]
+        p = meta["progress"]
+        r0, done, bytes_up, bytes_down = p["round"], p["done"], p["bytes_up"], p["bytes_down"]
+        history, trainable, upload_params, losses = p["history"], p["trainable"], p["upload_params"], p["losses"]
+        elapsed = p["elapsed"]
+        log(f"resumed from {out}/state.json: round {r0 + 1}, clients done in it {done}")
+    else:
+        downloads = [dict(theta0) for _ in clients]
+        private = [{} for _ in clients]
+        uploads, r0, done, losses = [None] * K, 0, [], []
+        bytes_up, bytes_down = 0, sum(nbytes(d) for d in downloads) if communicates else 0
+        history, trainable, upload_params, elapsed = [], 0, 0, 0.0
+
+    def commit(r, done):
+        progress = {"round": r, "done": done, "bytes_up": bytes_up, "bytes_down": bytes_down, "history": history,
+                    "trainable": trainable, "upload_params": upload_params, "losses": losses,
+                    "elapsed": elapsed + time.time() - t0}
+        checkpoint.save(out, {"config": asdict(cfg), "progress": progress},
+                        {"downloads": downloads, "private": private, "uploads": uploads})
+
     stage = 1
-    for r in range(rounds):
+    for r in range(r0, rounds):
         stage = 1 if r < cfg.rounds_stage1 else 2
         tr = time.time()
-        uploads, losses = [], []
         for k, ct in enumerate(cts):
-            up, private[k], st = client_round(bb, ct, downloads[k], private[k], stage, tasks, cfg, r)
-            uploads.append(up)
-            losses.append(st["loss_last"])
-            trainable, upload_params = max(trainable, st["trainable_params"]), max(upload_params, st["upload_params"])
-        downloads = server_round(uploads, tasks_of, n, cfg.top_m, method)
-        ru, rd = (sum(nbytes(u) for u in uploads), sum(nbytes(d) for d in downloads)) if communicates else (0, 0)
+            if k in done:
+                continue
+            reset_peak_memory(cfg.device)
+            if faults.get(k) == "drop":      # the client crashed mid-training: no upload, state unchanged
+                up = None
+            else:
+                up, private[k], st = client_round(bb, ct, downloads[k], private[k], stage, tasks, cfg, r)
+                losses.append(st["loss_last"])
+                trainable, upload_params = max(trainable, st["trainable_params"]), max(upload_params, st["upload_params"])
+                up = apply_fault(faults.get(k), up, downloads[k], ct.task)
+            uploads[k] = up
+            rss, cuda = peak_memory(cfg.device)
+            log(f"  client {k} done: peak memory {rss or 0:.0f} MB resident" + (f", {cuda:.0f} MB CUDA" if cuda else ""))
+            done = done + [k]
+            commit(r, done)
+        screened = screen_uploads(uploads, downloads, tasks_of, expected, cfg.norm_screen if communicates else 0, log)
+        downloads = server_round(screened, tasks_of, n, cfg.top_m, method, previous=downloads)
+        sent = [u for u in uploads if u is not None]
+        ru, rd = (sum(nbytes(u) for u in sent), sum(nbytes(d) for d in downloads)) if communicates else (0, 0)
         bytes_up, bytes_down = bytes_up + ru, bytes_down + rd
-        line = (f"round {r + 1}/{rounds} (stage {stage}): mean last loss {sum(losses) / len(losses):.3f}, "
+        line = (f"round {r + 1}/{rounds} (stage {stage}): mean last loss {sum(losses) / max(1, len(losses)):.3f}, "
                 f"up {ru / 1e6:.2f} MB, down {rd / 1e6:.2f} MB, {time.time() - tr:.1f} s")
         if cfg.eval_every_round and r < rounds - 1:
             _, pt, avg = evaluate_all(bb, cts, downloads, private, stage, tasks, cfg)
             history.append({"round": r + 1, "per_task": pt, "average": avg})
             line += f", average score {avg:.1f}"
         log(line)
+        uploads, done, losses = [None] * K, [], []
+        commit(r + 1, [])
 
     rows, per_task, average = evaluate_all(bb, cts, downloads, private, stage, tasks, cfg)
     history.append({"round": rounds, "per_task": per_task, "average": average})
     res = {"scenario": cfg.scenario, "seed": cfg.seed, "method": cfg.method, "backbone": cfg.backbone,
            "clients": rows, "per_task": per_task, "average": average,
-           "bytes_up": bytes_up, "bytes_down": bytes_down, "wall_s": round(time.time() - t0, 1),
+           "bytes_up": bytes_up, "bytes_down": bytes_down, "wall_s": round(elapsed + time.time() - t0, 1),
            "rounds": history if cfg.eval_every_round else history[-1:],
            "trainable_params": trainable, "communicated_params": upload_params if communicates else 0,
            "config": asdict(cfg)}
@@ -371,7 +525,7 @@ def run_comparison(cfg: Config, methods, seeds, log=print):
 
 def parse_args(argv=None):
     d = Config()
-    ap = argparse.ArgumentParser(description="Pilot federated multimodal instruction tuning (simulated clients).")
+    ap = OneLineErrors(description="Pilot federated multimodal instruction tuning (simulated clients).")
     ap.add_argument("--scenario", default=d.scenario, choices=sorted(data.SCENARIOS),
                     help="A: caption/VQA/grounding, 6 clients; B: adds text reading, 8 unbalanced clients")
     ap.add_argument("--method", default=d.method, choices=list(METHODS), help="federated method or ablation")
@@ -398,6 +552,10 @@ def parse_args(argv=None):
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the LLM")
     ap.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimiser step")
     ap.add_argument("--max-length", type=int, default=d.max_length, help="maximum tokens per sample")
+    ap.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
+    ap.add_argument("--faults", default=d.faults, help='fault injection: "client=3:nan", "client=3:scale=100", "client=3:drop" (comma-separated)')
+    ap.add_argument("--norm-screen", type=float, default=d.norm_screen,
+                    help="reject updates whose norm exceeds this multiple of the round's median (our addition; 0 = off)")
     ap.add_argument("--clients", default=None, help="comma-separated client indices to keep (quick runs)")
     ap.add_argument("--n-train", type=int, default=None, help="train samples per client (default: scenario's)")
     ap.add_argument("--n-test", type=int, default=None, help="test samples per client (default: scenario's)")
@@ -409,14 +567,51 @@ def parse_args(argv=None):
         if m not in METHODS:
             ap.error(f"unknown method {m!r} in --methods; choose from {', '.join(METHODS)}")
     seeds = None if a.seeds is None else [int(x) for x in a.seeds.split(",")]
-    return Config(**kw), methods, seeds
+    cfg = Config(**kw)
+    try:
+        check_config(cfg)
+    except ValueError as e:
+        ap.error(str(e))
+    return cfg, methods, seeds
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """Bad command lines end in one line on stderr and exit code 2, before anything is written."""
+
+    def error(self, message):
+        self.exit(2, f"run.py: error: {message}\n")
+
+
+def check_config(cfg: Config):
+    """What can be checked before any work: raises ValueError with a one-line reason."""
+    n_clients = (len(json.loads(Path(cfg.data).read_text()).get("clients", [])) if cfg.data and Path(cfg.data).is_file()
+                 else len(data.SCENARIOS[cfg.scenario]))
+    if cfg.data and not Path(cfg.data).is_file():
+        raise ValueError(f"--data {cfg.data}: no such file")
+    if cfg.clients is not None:
+        n_clients = len(cfg.clients)
+    if not 1 <= cfg.top_m < max(2, n_clients):
+        raise ValueError(f"--top-m {cfg.top_m}: must be at least 1 and below the number of clients ({n_clients})")
+    if cfg.out and not Path(cfg.out).resolve().parent.is_dir():
+        raise ValueError(f"--out {cfg.out}: the parent directory {Path(cfg.out).resolve().parent} does not exist")
+    if cfg.backbone != "tiny" and Path(cfg.backbone).exists():
+        conf = Path(cfg.backbone) / "config.json"
+        if not conf.is_file() or json.loads(conf.read_text()).get("model_type") != "llava":
+            raise ValueError(f"--backbone {cfg.backbone}: not a LLaVA checkpoint (no config.json with model_type 'llava')")
+    try:
+        parse_faults(cfg.faults)
+    except ValueError as e:
+        raise ValueError(str(e)) from None
 
 
 if __name__ == "__main__":
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # weight-loading bars say nothing a researcher needs here
     cfg, methods, seeds = parse_args()
-    if methods or seeds:
-        run_comparison(cfg, methods or [cfg.method], seeds or [cfg.seed])
-    else:
-        run(cfg)
+    try:
+        if methods or seeds:
+            run_comparison(cfg, methods or [cfg.method], seeds or [cfg.seed])
+        else:
+            run(cfg)
+    except (checkpoint.CheckpointError, data.DataError) as e:
+        raise SystemExit(f"run.py: error: {e}")

@@ -14,6 +14,7 @@ Writes OUT/results.json, OUT/results.md and OUT/client_<k>.safetensors (each cli
 what it downloaded last plus its private tensors).
 """
 import argparse
+import fcntl
 import json
 import math
 import time
@@ -389,6 +390,12 @@ def run(cfg: Config, log=print):
     out = Path(cfg.out or f"runs/scenario-{cfg.scenario}-{cfg.method}-seed{cfg.seed}")
     tiny = cfg.backbone == "tiny"
     lora_r, alpha = cfg.lora_r or (8 if tiny else 64), cfg.lora_alpha or (16.0 if tiny else 128.0)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / ".lock", "w")    # one writer per OUT; the kernel drops the lock when the process dies
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise checkpoint.CheckpointError(f"{out}: another run is writing there") from None
     saved = None
     if cfg.resume:
         meta = checkpoint.read_meta(out)

@@ -152,3 +152,13 @@ def test_bad_command_lines_fail_in_one_line_with_exit_2(tmp_path, args, message)
     p = subprocess.run(full, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert not out.exists()
+
+
+def test_a_second_run_on_the_same_out_is_refused(tmp_path):
+    import fcntl
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(checkpoint.CheckpointError, match="another run is writing there"):
+            run.run(run.Config(clients=[0, 2], n_train=4, n_test=1, top_m=1, out=str(out)), log=lambda *a: None)

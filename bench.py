@@ -25,17 +25,12 @@ H100_BF16_PEAK = 989e12   # dense bf16 FLOP/s of an H100 SXM, the MFU denominato
 
 
 def peak_rss_mb(fn):
-    """Peak resident memory while fn runs, above the resident memory before it (Linux: resets the
-    kernel's high-water mark through /proc/self/clear_refs)."""
-    def rss(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field):
-                return int(line.split()[1]) / 1024
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = rss("VmRSS:")
+    """Peak resident memory while fn runs, above the resident memory before it."""
+    import run
+    run.reset_peak_memory("cpu")
+    before = run.resident_mb()
     fn()
-    return rss("VmHWM:") - before
+    return run.resident_mb("VmHWM:") - before
 
 
 def timeit(fn, repeats=5, warmup=1, sync=lambda: None):

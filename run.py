@@ -370,14 +370,17 @@ def reset_peak_memory(device):
         torch.cuda.reset_peak_memory_stats()
 
 
+def resident_mb(field="VmRSS:"):
+    """This process's resident memory (VmRSS) or its high-water mark (VmHWM) in MB; None off Linux."""
+    try:
+        return next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith(field))
+    except (OSError, StopIteration):
+        return None
+
+
 def peak_memory(device):
     """(peak resident MB since reset_peak_memory, CUDA max allocated MB or None)."""
-    rss = None
-    try:
-        rss = next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        pass
-    return rss, (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None)
+    return resident_mb("VmHWM:"), (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None)
 
 
 def run(cfg: Config, log=print):

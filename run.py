@@ -327,6 +327,58 @@ def nbytes(state):
     return sum(v.numel() * v.element_size() for v in state.values())
 
 
+# ----------------------------------------------------------------------------- set-up shared by both engines
+def load_model(cfg: Config, log=print):
+    """The frozen backbone with Θ^l installed at its initial value; returns (bb, Θ^l_0, expected),
+    expected being what the server accepts from a client: {key: (shape, dtype)}."""
+    tiny = cfg.backbone == "tiny"
+    lora_r, alpha = cfg.lora_r or (8 if tiny else 64), cfg.lora_alpha or (16.0 if tiny else 128.0)
+    bb = bbmod.load_backbone(cfg.backbone, device=cfg.device, dtype=DTYPES[cfg.dtype], log=log)
+    # Θ^l's initial value is the server's: one seed, the same for every client, so that ATA's
+    # distances measure what local training changed, not initialisation noise.
+    pilot.install_lora(bb.model.model.language_model, lora_r, alpha, targets=tuple(cfg.lora_targets.split(",")), seed=cfg.seed)
+    bb.model.to(cfg.device)
+    if cfg.grad_ckpt:
+        bb.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    theta0 = {k: v.detach().clone().cpu() for k, v in pilot.lora_state(bb.model).items()}
+    # exactly Θ^l's tensors and one projector-shaped task adapter, fp32
+    expected = {**{k: (tuple(v.shape), torch.float32) for k, v in theta0.items()},
+                **{f"task_adapter.{k}": (tuple(v.shape), torch.float32) for k, v in pilot.projector_state(bb.model).items()}}
+    return bb, theta0, expected
+
+
+def load_clients(cfg: Config):
+    """(cfg, the clients cfg keeps, in scenario order): a manifest's, else the synthetic scenario's.
+    A manifest names its scenario, which replaces cfg.scenario."""
+    if cfg.data:
+        name, clients = data.load_manifest(cfg.data)
+        return replace(cfg, scenario=name), [c for c in clients if cfg.clients is None or c.id in cfg.clients]
+    return cfg, data.make_scenario(cfg.scenario, cfg.seed, cfg.clients, cfg.n_train, cfg.n_test)
+
+
+def stage_of(cfg: Config, r):
+    """[reading] stage 1 for the first R1 rounds, stage 2 (CT-MoA) for the next R2."""
+    return 1 if r < cfg.rounds_stage1 else 2
+
+
+def client_step(bb, ct, download, private, stage, tasks, cfg: Config, round_idx, fault=None, log_bar=True):
+    """What a client does in a round, fault injection included: client_round, then the fault.
+    Returns (upload or None when the client failed, private state, stats or None)."""
+    if fault == "drop":      # the client crashed mid-training: no upload, state unchanged
+        return None, private, None
+    up, private, stats = client_round(bb, ct, download, private, stage, tasks, cfg, round_idx, log_bar=log_bar)
+    return apply_fault(fault, up, download, ct.task), private, stats
+
+
+def server_step(uploads, downloads, tasks_of, n, expected, cfg: Config, log=print):
+    """What the server does in a round: check the uploads (screen_uploads), then aggregate them
+    (server_round) into each client's next download. uploads[k] is None for a client that failed."""
+    method = METHODS[cfg.method]
+    communicates = method.text_agg != "none"    # Local's uploads are its own: nothing to screen
+    screened = screen_uploads(uploads, downloads, tasks_of, expected, cfg.norm_screen if communicates else 0, log)
+    return server_round(screened, tasks_of, n, cfg.top_m, method, previous=downloads)
+
+
 # ----------------------------------------------------------------------------- the simulation
 def results_table(res):
     tasks = list(res["per_task"])
@@ -340,18 +392,39 @@ def results_table(res):
     return "\n".join(lines)
 
 
-def evaluate_all(bb, cts, downloads, private, stage, tasks, cfg):
-    """Every client's score on its own test set, and the per-task and overall averages."""
-    rows = []
-    for k, ct in enumerate(cts):
-        s, preds = evaluate_client(bb, ct, downloads[k], private[k], stage, tasks, cfg)
-        rows.append({"id": ct.id, "task": ct.task, "n_train": len(ct.items_train), "n_test": len(ct.test),
-                     "metric": data.METRICS[ct.task], "score": round(s, 2), "examples": [
-                         {"question": t.question, "answer": t.answer, "prediction": p}
-                         for t, p in zip(ct.test[:3], preds[:3])]})
+def evaluate_row(bb, ct, download, private, stage, tasks, cfg):
+    """One client's line of the results: its score on its own test set and three examples."""
+    s, preds = evaluate_client(bb, ct, download, private, stage, tasks, cfg)
+    return {"id": ct.id, "task": ct.task, "n_train": len(ct.items_train), "n_test": len(ct.test),
+            "metric": data.METRICS[ct.task], "score": round(s, 2), "examples": [
+                {"question": t.question, "answer": t.answer, "prediction": p} for t, p in zip(ct.test[:3], preds[:3])]}
+
+
+def summarise_rows(rows, tasks):
+    """(per-task averages of the clients' scores, their overall average)."""
     per_task = {t: round(sum(r["score"] for r in rows if r["task"] == t) / sum(r["task"] == t for r in rows), 2)
                 for t in tasks}
-    return rows, per_task, round(sum(per_task.values()) / len(per_task), 2)
+    return per_task, round(sum(per_task.values()) / len(per_task), 2)
+
+
+def evaluate_all(bb, cts, downloads, private, stage, tasks, cfg):
+    """Every client's score on its own test set, and the per-task and overall averages."""
+    rows = [evaluate_row(bb, ct, downloads[k], private[k], stage, tasks, cfg) for k, ct in enumerate(cts)]
+    return (rows, *summarise_rows(rows, tasks))
+
+
+def save_client_state(out: Path, client_id, download, private):
+    """OUT/client_<id>.safetensors: what the client downloaded last plus its private tensors."""
+    tensors = {**download, **{f"private.{a}": b for a, b in private.items()}}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"client_{client_id}.safetensors"))
+
+
+def write_results(out: Path, res, log=print):
+    """OUT/results.json and OUT/results.md (the table, also printed)."""
+    table = results_table(res)
+    (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    log("\n" + table + f"\n\nwrote {out}/results.json, results.md, client_*.safetensors")
 
 
 RESUME_KEYS = ("scenario", "method", "backbone", "seed", "rounds_stage1", "rounds_stage2", "local_epochs", "top_m",
@@ -391,8 +464,6 @@ def run(cfg: Config, log=print):
     torch.manual_seed(cfg.seed)
     method = METHODS[cfg.method]
     out = Path(cfg.out or f"runs/scenario-{cfg.scenario}-{cfg.method}-seed{cfg.seed}")
-    tiny = cfg.backbone == "tiny"
-    lora_r, alpha = cfg.lora_r or (8 if tiny else 64), cfg.lora_alpha or (16.0 if tiny else 128.0)
     out.mkdir(parents=True, exist_ok=True)
     lock = open(out / ".lock", "w")    # one writer per OUT; the kernel drops the lock when the process dies
     try:
@@ -408,24 +479,8 @@ def run(cfg: Config, log=print):
                 f"--resume: the run in {out} was started with other settings: " +
                 ", ".join(f"{k} (saved {meta['config'].get(k)!r}, now {asdict(cfg).get(k)!r})" for k in differ))
         saved = checkpoint.load(out)
-    bb = bbmod.load_backbone(cfg.backbone, device=cfg.device, dtype=DTYPES[cfg.dtype], log=log)
-    # Θ^l's initial value is the server's: one seed, the same for every client, so that ATA's
-    # distances measure what local training changed, not initialisation noise.
-    pilot.install_lora(bb.model.model.language_model, lora_r, alpha, targets=tuple(cfg.lora_targets.split(",")), seed=cfg.seed)
-    bb.model.to(cfg.device)
-    if cfg.grad_ckpt:
-        bb.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    theta0 = {k: v.detach().clone().cpu() for k, v in pilot.lora_state(bb.model).items()}
-    # what the server accepts: exactly Θ^l's tensors and one projector-shaped task adapter, fp32
-    expected = {**{k: (tuple(v.shape), torch.float32) for k, v in theta0.items()},
-                **{f"task_adapter.{k}": (tuple(v.shape), torch.float32) for k, v in pilot.projector_state(bb.model).items()}}
-
-    if cfg.data:
-        name, clients = data.load_manifest(cfg.data)
-        cfg = replace(cfg, scenario=name)
-        clients = [c for c in clients if cfg.clients is None or c.id in cfg.clients]
-    else:
-        clients = data.make_scenario(cfg.scenario, cfg.seed, cfg.clients, cfg.n_train, cfg.n_test)
+    bb, theta0, expected = load_model(cfg, log)
+    cfg, clients = load_clients(cfg)
     tasks_of = [c.task for c in clients]
     tasks = sorted(set(tasks_of), key=data.TASKS.index)
     n = [len(c.train) for c in clients]
@@ -462,26 +517,22 @@ def run(cfg: Config, log=print):
 
     stage = 1
     for r in range(r0, rounds):
-        stage = 1 if r < cfg.rounds_stage1 else 2
+        stage = stage_of(cfg, r)
         tr = time.time()
         for k, ct in enumerate(cts):
             if k in done:
                 continue
             reset_peak_memory(cfg.device)
-            if faults.get(k) == "drop":      # the client crashed mid-training: no upload, state unchanged
-                up = None
-            else:
-                up, private[k], st = client_round(bb, ct, downloads[k], private[k], stage, tasks, cfg, r)
+            up, private[k], st = client_step(bb, ct, downloads[k], private[k], stage, tasks, cfg, r, faults.get(k))
+            if st:
                 losses.append(st["loss_last"])
                 trainable, upload_params = max(trainable, st["trainable_params"]), max(upload_params, st["upload_params"])
-                up = apply_fault(faults.get(k), up, downloads[k], ct.task)
             uploads[k] = up
             rss, cuda = peak_memory(cfg.device)
             log(f"  client {k} done: peak memory {rss or 0:.0f} MB resident" + (f", {cuda:.0f} MB CUDA" if cuda else ""))
             done = done + [k]
             commit(r, done)
-        screened = screen_uploads(uploads, downloads, tasks_of, expected, cfg.norm_screen if communicates else 0, log)
-        downloads = server_round(screened, tasks_of, n, cfg.top_m, method, previous=downloads)
+        downloads = server_step(uploads, downloads, tasks_of, n, expected, cfg, log)
         sent = [u for u in uploads if u is not None]
         ru, rd = (sum(nbytes(u) for u in sent), sum(nbytes(d) for d in downloads)) if communicates else (0, 0)
         bytes_up, bytes_down = bytes_up + ru, bytes_down + rd
@@ -505,12 +556,8 @@ def run(cfg: Config, log=print):
            "config": asdict(cfg)}
     out.mkdir(parents=True, exist_ok=True)
     for k in range(len(cts)):
-        save_file({k2: v.contiguous() for k2, v in {**downloads[k], **{f"private.{a}": b for a, b in private[k].items()}}.items()},
-                  str(out / f"client_{clients[k].id}.safetensors"))
-    table = results_table(res)
-    (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps(res, indent=1))
-    log("\n" + table + f"\n\nwrote {out}/results.json, results.md, client_*.safetensors")
+        save_client_state(out, clients[k].id, downloads[k], private[k])
+    write_results(out, res, log)
     return res
 
 
@@ -592,14 +639,20 @@ class OneLineErrors(argparse.ArgumentParser):
         self.exit(2, f"run.py: error: {message}\n")
 
 
+def federation_size(cfg: Config):
+    """How many clients the run has: --clients, else the manifest's or the scenario's count."""
+    if cfg.clients is not None:
+        return len(cfg.clients)
+    if cfg.data:
+        return len(json.loads(Path(cfg.data).read_text()).get("clients", []))
+    return len(data.SCENARIOS[cfg.scenario])
+
+
 def check_config(cfg: Config):
     """What can be checked before any work: raises ValueError with a one-line reason."""
-    n_clients = (len(json.loads(Path(cfg.data).read_text()).get("clients", [])) if cfg.data and Path(cfg.data).is_file()
-                 else len(data.SCENARIOS[cfg.scenario]))
     if cfg.data and not Path(cfg.data).is_file():
         raise ValueError(f"--data {cfg.data}: no such file")
-    if cfg.clients is not None:
-        n_clients = len(cfg.clients)
+    n_clients = federation_size(cfg)
     if not 1 <= cfg.top_m < max(2, n_clients):
         raise ValueError(f"--top-m {cfg.top_m}: must be at least 1 and below the number of clients ({n_clients})")
     if cfg.out and not Path(cfg.out).resolve().parent.is_dir():

@@ -101,7 +101,9 @@ def query(msg: Message, context: Context):
 
 @client_app.train()
 def train(msg: Message, context: Context):
+    t0 = time.time()
     cfg, bb, ct = _prepare(context)
+    t1 = time.time()
     conf = msg.content["config"]
     download = dict(msg.content["download"].to_torch_state_dict())
     fault = run.parse_faults(cfg.faults).get(int(conf["k"]))   # simulated faults, keyed like run.py's
@@ -110,7 +112,9 @@ def train(msg: Message, context: Context):
     context.state["private"] = ArrayRecord(private)
     if up is None:
         raise RuntimeError(f"client {ct.id} failed in round {int(conf['round']) + 1} (fault injection: drop)")
-    metrics = {k: float(v) for k, v in st.items()}
+    # the time spent loading the backbone and encoding the data (each message is a fresh ClientApp
+    # process) and the time spent training: the server logs both beside the round's wall time
+    metrics = {**{k: float(v) for k, v in st.items()}, "prepare_s": t1 - t0, "train_s": time.time() - t1}
     return Message(RecordDict({"upload": ArrayRecord(up), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -198,9 +202,12 @@ def main(grid: Grid, context: Context):
         ru = sum(run.nbytes(u) for u in uploads if u is not None) if communicates else 0
         rd = sum(run.nbytes(d) for d in downloads) if communicates else 0
         bytes_up, bytes_down = bytes_up + ru, bytes_down + rd
-        losses = [m.content["metrics"]["loss_last"] for m in replies if m]
+        metrics = [m.content["metrics"] for m in replies if m]
+        losses = [m["loss_last"] for m in metrics]
         log(f"round {r + 1}/{rounds} (stage {stage}): mean last loss {sum(losses) / max(1, len(losses)):.3f}, "
-            f"up {ru / 1e6:.2f} MB, down {rd / 1e6:.2f} MB, {time.time() - tr:.1f} s")
+            f"up {ru / 1e6:.2f} MB, down {rd / 1e6:.2f} MB, {time.time() - tr:.1f} s (slowest client: "
+            f"{max((m['prepare_s'] for m in metrics), default=0):.1f} s loading, "
+            f"{max((m['train_s'] for m in metrics), default=0):.1f} s training)")
 
     stage = run.stage_of(cfg, rounds - 1) if rounds else 1
     replies = _exchange(grid, node_of, MessageType.EVALUATE, contents(rounds, stage), "evaluate")

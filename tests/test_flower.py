@@ -82,10 +82,11 @@ def flower_run(small_backbone_dir, tmp_path_factory):
     exe = lambda name: str(Path(bin_dir) / name)
     procs = []
 
-    def start(name, args, home):
+    def start(name, args, home, threads=None):
         f = open(logs / f"{name}.log", "w")
+        extra = {"OMP_NUM_THREADS": str(threads)} if threads else {}
         procs.append(subprocess.Popen([exe(args[0]), *args[1:]], cwd=tmp, stdout=f, stderr=subprocess.STDOUT,
-                                      env={**env, "FLWR_HOME": str(tmp / home)}))
+                                      env={**env, "FLWR_HOME": str(tmp / home), **extra}))
 
     def all_logs():
         return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(logs.glob("*.log")))
@@ -96,7 +97,7 @@ def flower_run(small_backbone_dir, tmp_path_factory):
         for cid in CLIENTS:
             start(f"supernode{cid}", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
                                       "--node-config", f"client-id={cid}", "--host", "127.0.0.1", "--port", str(free_port())],
-                  f"node{cid}")
+                  f"node{cid}", threads=1)
         # the CLI finds the SuperLink by name in FLWR_HOME/config.toml
         (tmp / "cli").mkdir()
         (tmp / "cli" / "config.toml").write_text(
@@ -126,8 +127,16 @@ def test_flower_run_equals_run_py(flower_run, small_backbone_dir, tmp_path):
     out, wall, logs = flower_run
     ref_out = tmp_path / "ref"
     t0 = time.time()
-    ref = run.run(run.Config(clients=CLIENTS, backbone=str(small_backbone_dir), out=str(ref_out), **SETTINGS),
-                  log=lambda *a: None)
+    # the SuperNodes share this machine's cores and run one thread each (else OpenMP threads of two
+    # clients oversubscribe the cores); the reference uses one thread too, so that not even the
+    # order of a parallel reduction differs
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = run.run(run.Config(clients=CLIENTS, backbone=str(small_backbone_dir), out=str(ref_out), **SETTINGS),
+                      log=lambda *a: None)
+    finally:
+        torch.set_num_threads(threads)
     print(f"wall time: Flower deployment {wall:.1f} s, run.py {time.time() - t0:.1f} s")
     got = json.loads((out / "results.json").read_text())
     assert got["engine"] == "flower"

@@ -474,9 +474,11 @@ def load_llava_records(path, image_folder, task):
     return out
 
 
-def load_manifest(path):
+def load_manifest(path, keep=None):
     """Clients from a scenario manifest {"name", "clients": [{"id", "task", "train", "test",
-    "image_folder"}]} whose paths are relative to the manifest's folder."""
+    "image_folder"}]} whose paths are relative to the manifest's folder. keep: the indices of the
+    clients whose files are read (default all), so that a host holding one client's files (a
+    Flower SuperNode) needs no other client's."""
     m = _read_json(path)
     root = Path(path).parent
     if not isinstance(m, dict) or not isinstance(m.get("clients"), list) or not m["clients"]:
@@ -489,6 +491,8 @@ def load_manifest(path):
             raise DataError(f"{path}, client {cid!r}: missing {', '.join(missing)}")
         if c["task"] not in TASKS:
             raise DataError(f"{path}, client {cid!r}: unknown task {c['task']!r}; expected one of {', '.join(TASKS)}")
+        if keep is not None and k not in keep:
+            continue
         folder = root / c["image_folder"]
         clients.append(ClientData(k, c["task"], load_llava_records(root / c["train"], folder, c["task"]),
                                   load_llava_records(root / c["test"], folder, c["task"]), name=str(cid)))

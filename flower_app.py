@@ -31,6 +31,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
+import data
 import run
 
 NODE_WAIT_S = 300        # how long the server waits for every client's SuperNode to connect
@@ -180,7 +181,7 @@ def main(grid: Grid, context: Context):
         raise RuntimeError(f"expected {K} distinct clients, the SuperNodes hold {[f[0] for f in found]}")
     node_of = [node for _, node, _ in found]
     tasks_of, n = [str(c["task"]) for _, _, c in found], [int(c["n_train"]) for _, _, c in found]
-    tasks = sorted(set(tasks_of), key=run.data.TASKS.index)
+    tasks = sorted(set(tasks_of), key=data.TASKS.index)
     log(f"scenario {cfg.scenario}, method {cfg.method}, seed {cfg.seed}: clients {[f[0] for f in found]} on nodes "
         f"{node_of}, tasks {tasks}, train sizes {n}")
 

@@ -10,6 +10,8 @@ engine can call them:
     client_round(...)  train one client for one round from its download and private state
                        -> (upload, new private state, stats)
     server_round(...)  aggregate the uploads -> each client's download
+client_step (client_round + fault injection) and server_step (upload checks + server_round) are
+what this loop and flower_app.py (the same steps on Flower, clients on other machines) both call.
 Writes OUT/results.json, OUT/results.md and OUT/client_<k>.safetensors (each client's final state:
 what it downloaded last plus its private tensors).
 """
@@ -351,8 +353,8 @@ def load_clients(cfg: Config):
     """(cfg, the clients cfg keeps, in scenario order): a manifest's, else the synthetic scenario's.
     A manifest names its scenario, which replaces cfg.scenario."""
     if cfg.data:
-        name, clients = data.load_manifest(cfg.data)
-        return replace(cfg, scenario=name), [c for c in clients if cfg.clients is None or c.id in cfg.clients]
+        name, clients = data.load_manifest(cfg.data, keep=cfg.clients)
+        return replace(cfg, scenario=name), clients
     return cfg, data.make_scenario(cfg.scenario, cfg.seed, cfg.clients, cfg.n_train, cfg.n_test)
 
 

@@ -157,3 +157,15 @@ def test_prompt_comes_from_the_chat_template_when_there_is_one(tmp_path):
     s = data.Sample(None, "what colour is the circle?", "red", "vqa")
     prompt, _, _ = bb.encode(s)
     assert bb.tokenizer.decode(prompt[-8:]) == "what colour is the circle? ASSISTANT:"
+
+
+def test_manifest_reads_only_the_kept_clients_files(tmp_path):
+    """A host holding one client's files (a Flower SuperNode) loads its client through the manifest."""
+    manifest = data.export_scenario(tmp_path, "A", 0, limit_clients=[0, 2], n_train=2, n_test=1)
+    _, both = data.load_manifest(manifest)
+    missing = Path(manifest).parent / json.loads(Path(manifest).read_text())["clients"][1]["train"]
+    missing.unlink()
+    _, kept = data.load_manifest(manifest, keep=[0])
+    assert [c.id for c in kept] == [0] and [s.answer for s in kept[0].train] == [s.answer for s in both[0].train]
+    with pytest.raises(data.DataError, match=str(missing.name)):
+        data.load_manifest(manifest)

@@ -1,5 +1,6 @@
 """
-Server-side aggregation for Pilot: pure functions over {name: tensor} state dicts.
+Server-side aggregation for Pilot: pure functions over {name: tensor} state dicts (one opt-in
+exception: mix(..., inplace=True), which the server uses to hold the uploads only once).
 
     task_aware_visual(...)   task-aware visual aggregation: one global task adapter per task
     adaptive_text(...)       ATA: a personalised text adapter Θ̄^l_k for every client k
@@ -7,22 +8,32 @@ Server-side aggregation for Pilot: pure functions over {name: tensor} state dict
 
 Every aggregation here is a mixing matrix A (K x K) applied tensor by tensor:
 out_k = Σ_j A[k, j] state_j. Writing it that way keeps each rule a few lines of arithmetic on K
-numbers, and the heavy part (one small matmul per tensor name) shared and streamed: no flattened
-copy of all clients' parameters is ever made.
+numbers, and the heavy part shared and streamed: no flattened copy of all clients' parameters is
+ever made, and a row reads only the states it weighs (M + 1 of them for ATA).
+Arithmetic is float32, as the uploads are.
 """
 import torch
 
 
-def mix(states, A, keys=None):
-    """[Σ_j A[k, j] states[j] for each k], streamed one tensor name at a time (float32 results)."""
-    keys = list(states[0]) if keys is None else keys
-    K = len(states)
-    out = [dict() for _ in range(A.shape[0])]
-    for key in keys:
-        stacked = torch.stack([s[key].float() for s in states]).reshape(K, -1)
-        mixed = (A.to(stacked.device, torch.float64) @ stacked.double()).float()
-        for k, row in enumerate(mixed):
-            out[k][key] = row.reshape(states[0][key].shape)
+def mix(states, A, inplace=False):
+    """[Σ_j A[k, j] states[j] for each row k of A], one tensor name at a time.
+    inplace=True writes out_k into states[k]'s own tensors (A square; the states are consumed):
+    the server then holds the uploads plus one reused buffer of one tensor per client, instead of
+    the uploads twice (and skips allocating, i.e. page-faulting, a second copy)."""
+    rows = [[(j, float(a)) for j, a in enumerate(row) if a != 0] for row in A.tolist()]
+    out = [dict() for _ in rows]
+    buf = torch.empty(len(rows), max(v.numel() for v in states[0].values())) if inplace else None
+    for key, like in states[0].items():
+        mixed = []
+        for r, row in enumerate(rows):       # in place, every input is read before any is overwritten
+            (j0, a0), *rest = row
+            into = buf[r, :like.numel()].view(like.shape) if inplace else None
+            acc = torch.mul(states[j0][key].float(), a0, out=into)
+            for j, a in rest:
+                acc.add_(states[j][key], alpha=a)
+            mixed.append(acc)
+        for k, m in enumerate(mixed):
+            out[k][key] = states[k][key].copy_(m) if inplace else m
     return out
 
 
@@ -47,18 +58,26 @@ def task_aware_visual(task_adapters, tasks, n):
     return out
 
 
-def pairwise_distances(states):
-    """d_kj = ||Θ_k − Θ_j||₂ over all parameters, from one Gram matrix G = Σ_tensors X Xᵀ
-    accumulated tensor by tensor in float64: d² = G_kk + G_jj − 2 G_kj."""
+def pairwise_distances(states, chunk=1 << 16):
+    """d_kj = ||Θ_k − Θ_j||₂ over all parameters, from one Gram matrix G = Σ X Xᵀ (X: one row per
+    client, `chunk` parameters at a time) and d² = G_kk + G_jj − 2 G_kj. Each X is centred on the
+    clients' mean: all clients start from the same Θ^l_0, so uncentred norms are dominated by that
+    shared start and d² would cancel away; centred, float32 products are accurate (summed in
+    float64). A chunk of K x 65,536 float32 (8 MB at K = 32) stays in cache while it is centred and
+    multiplied, and is all the working memory."""
     K = len(states)
     G = torch.zeros(K, K, dtype=torch.float64)
+    buf = torch.empty(K, min(chunk, max(v.numel() for v in states[0].values())))
     for key in states[0]:
-        x = torch.stack([s[key].reshape(-1) for s in states]).double()
-        G += (x @ x.t()).cpu()
+        flat = [s[key].reshape(-1) for s in states]
+        for c in range(0, flat[0].numel(), chunk):
+            x = torch.stack([f[c:c + chunk] for f in flat], out=buf[:, :len(flat[0][c:c + chunk])])
+            x -= x.mean(0)
+            G += (x @ x.t()).double()
     sq = G.diagonal()
     d2 = (sq[:, None] + sq[None, :] - 2 * G).clamp_min(0)
-    # Cancellation in d² leaves tiny positive values for identical clients: call those exactly 0.
-    d2[d2 <= 1e-12 * sq.max().clamp_min(1e-30)] = 0
+    # Rounding leaves tiny positive values for identical clients: call those exactly 0.
+    d2[d2 <= 1e-6 * sq.max().clamp_min(1e-30)] = 0
     d2.fill_diagonal_(0)
     return d2.sqrt()
 
@@ -88,10 +107,11 @@ def ata_matrix(d, n, top_m):
     return A
 
 
-def adaptive_text(text_adapters, n, top_m=3):
-    """ATA: each client's personalised Θ̄^l_k (a list, in client order) and the matrix used."""
+def adaptive_text(text_adapters, n, top_m=3, inplace=False):
+    """ATA: each client's personalised Θ̄^l_k (a list, in client order) and the matrix used.
+    inplace: see mix (the uploads become the downloads)."""
     A = ata_matrix(pairwise_distances(text_adapters), n, top_m)
-    return mix(text_adapters, A), A
+    return mix(text_adapters, A, inplace), A
 
 
 # ----------------------------------------------------------------------------- checking uploads

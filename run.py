@@ -242,7 +242,9 @@ def server_round(uploads, tasks, n, top_m, method=METHODS["pilot"], previous=Non
     adapters = [pilot.sub_state(u, "task_adapter.") for u in ups]
     text = [{k: v for k, v in u.items() if k.startswith("lora.")} for u in ups]
     if method.text_agg == "ata":
-        text, _ = aggregate.adaptive_text(text, nk, top_m)
+        # in place: the uploads' Θ^l tensors become the downloads (fresh copies made by each client
+        # or deserialised by the engine), so the server holds K text adapters once, not twice
+        text, _ = aggregate.adaptive_text(text, nk, top_m, inplace=True)
     elif method.text_agg == "fedavg":
         text = [aggregate.fedavg(text, nk)] * K
     prefixed = lambda task, sd: {f"global_task_adapter.{task}.{k}": v for k, v in sd.items()}

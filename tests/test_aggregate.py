@@ -63,3 +63,32 @@ def test_task_aware_visual_averages_within_task_by_sample_count():
 def test_fedavg_weights_by_sample_count():
     out = aggregate.fedavg([{"w": torch.tensor([0.0])}, {"w": torch.tensor([4.0])}], [3, 1])
     assert out["w"].item() == 1.0
+
+
+def test_mix_in_place_writes_each_clients_own_tensors():
+    g = torch.Generator().manual_seed(0)
+    states = [{"a": torch.randn(3, 4, generator=g), "b": torch.randn(5, generator=g)} for _ in range(4)]
+    A = aggregate.ata_matrix(aggregate.pairwise_distances(states), [1, 2, 3, 4], 2)
+    expected = aggregate.mix(states, A)
+    before = [{k: v.clone() for k, v in s.items()} for s in states]
+    out = aggregate.mix(states, A, inplace=True)
+    for k in range(4):
+        for key in ("a", "b"):
+            assert out[k][key] is states[k][key]                  # the upload's own tensor, overwritten
+            assert torch.equal(out[k][key], expected[k][key])
+            # and the value is the mix of the inputs as they were before any write
+            ref = sum(float(A[k, j]) * before[j][key].double() for j in range(4)).float()
+            assert torch.allclose(out[k][key], ref, atol=1e-6)
+
+
+def test_distances_exact_for_clients_sharing_a_large_start():
+    # As in Pilot: every client starts from the same Θ^l_0 and moves a little. float32 products of
+    # the raw parameters would lose d² to cancellation (|Θ|² ~ 1e6 x d² here); centred ones do not.
+    g = torch.Generator().manual_seed(0)
+    start = {"a": 100 * torch.randn(1000, generator=g), "b": 100 * torch.randn(77, generator=g)}
+    states = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in start.items()} for _ in range(5)]
+    exact = torch.tensor([[sum(float((s[k].double() - t[k].double()).pow(2).sum()) for k in start) ** 0.5
+                           for t in states] for s in states], dtype=torch.float64)
+    for chunk in (1 << 16, 64):          # 64: several chunks per tensor, a short last one
+        d = aggregate.pairwise_distances(states, chunk=chunk)
+        assert torch.allclose(d, exact, rtol=1e-5, atol=0)

@@ -130,15 +130,28 @@ def mixture(h, w1, b1, w2, b2, coef):
     return g @ w2.reshape(m * c, -1) + coef @ b2
 
 
+def frozen_experts(h, w1, b1, w2, b2):
+    """The outputs y_i = MLP_i(h) of M frozen MLPs, [B, N, M, C_out] (weights laid out as in
+    mixture). Nothing here is trained and H_v is frozen, so no graph is kept: the router's gradient
+    needs only y_i (∂/∂P_i of Σ P_i y_i is y_i). Folding P_i into the second matmul, as mixture()
+    does for trainable experts, would make backward repeat that matmul just for the router."""
+    b, n, _ = h.shape
+    m, c = w1.shape[0], w1.shape[1]
+    with torch.no_grad():
+        g = F.gelu(h @ w1.reshape(m * c, -1).t() + b1.reshape(-1))          # [B, N, M*C]
+        y = torch.baddbmm(b2[:, None, :], g.view(b * n, m, c).transpose(0, 1), w2)   # [M, B*N, C_out]
+    return y.transpose(0, 1).reshape(b, n, m, -1)
+
+
 class CTMoAConnector(nn.Module):
     """Stage 2, cross-task Mixture-of-Adapters for a client of task τ(k) among T tasks.
 
     Experts in the router's order: 1 = own task adapter (trainable), 2..T = the other tasks' global
     task adapters ψ^t_i (frozen buffers) each plus a trainable cross-task adapter ψ^c_i.
         P = softmax(φ(H_v)),  x_img = ψ_s(H_v) + P_1 ψ_t(H_v) + Σ_{i≥2} P_i (ψ^t_i(H_v) + ψ^c_i(H_v))
-    Dense over all T experts, batched (no loop over samples or experts). The frozen experts and the
-    trainable cross-task adapters are two separate stacked mixtures, so that backward computes weight
-    gradients for trainable tensors only."""
+    Dense over all T experts, batched (no loop over samples or experts). The frozen experts are
+    computed without a graph (frozen_experts) and the trainable cross-task adapters as one stacked
+    mixture, so that backward does matmuls for trainable tensors only."""
 
     def __init__(self, c_v: int, c: int, n_tasks: int, use_client: bool = True):
         super().__init__()
@@ -165,7 +178,8 @@ class CTMoAConnector(nn.Module):
             p = logits.float().softmax(-1).to(h_v.dtype)
             ca, pf = self.cross_adapter, p[..., 1:]
             x = p[..., :1] * self.task_adapter(h_v)
-            x = x + mixture(h_v, self.foreign_w1, self.foreign_b1, self.foreign_w2, self.foreign_b2, pf)
+            y = frozen_experts(h_v, self.foreign_w1, self.foreign_b1, self.foreign_w2, self.foreign_b2)
+            x = x + (pf.unsqueeze(-2) @ y).squeeze(-2)                        # Σ_i P_i ψ^t_i(H_v)
             x = x + mixture(h_v, ca["w1"], ca["b1"], ca["w2"], ca["b2"], pf)
             l_b, l_z = router_losses(logits)
             aux = LAMBDA_B * l_b + LAMBDA_Z * l_z

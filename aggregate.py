@@ -24,6 +24,8 @@ def mix(states, A, inplace=False):
     out = [dict() for _ in rows]
     buf = torch.empty(len(rows), max(v.numel() for v in states[0].values())) if inplace else None
     for key, like in states[0].items():
+        if inplace and like.numel() and len({s[key].data_ptr() for s in states}) < len(states):
+            raise ValueError(f"mix in place: clients share the tensor {key!r}; each needs its own")
         mixed = []
         for r, row in enumerate(rows):       # in place, every input is read before any is overwritten
             (j0, a0), *rest = row

@@ -227,13 +227,14 @@ def evaluate_client(bb, ct: ClientTensors, download, private, stage, tasks, cfg:
 
 
 # ----------------------------------------------------------------------------- server side
-def server_round(uploads, tasks, n, top_m, method=METHODS["pilot"], previous=None):
+def server_round(uploads, tasks, n, top_m, method=METHODS["pilot"], previous=None, consume=False):
     """Aggregate one round's uploads (client order) into each client's download. Pilot: all T
     global task adapters ψ^t_τ (task-aware visual aggregation) and the client's own Θ̄^l_k (ATA).
     FedAvg: the one sample-weighted average of both. Local ("none"): the client's own upload back.
     An upload that is None (rejected, or the client failed) takes no part: that client keeps its
     previous Θ^l (and receives the new global adapters), a task with no upload keeps its previous
-    global task adapter, and a round with no usable upload changes nothing."""
+    global task adapter, and a round with no usable upload changes nothing. consume=True lets ATA
+    write the downloads into the uploads' own Θ^l tensors (each upload must have its own)."""
     ok = [k for k, u in enumerate(uploads) if u is not None]
     if not ok:                                   # nothing usable: the server state stays as it was
         return list(previous)
@@ -242,9 +243,7 @@ def server_round(uploads, tasks, n, top_m, method=METHODS["pilot"], previous=Non
     adapters = [pilot.sub_state(u, "task_adapter.") for u in ups]
     text = [{k: v for k, v in u.items() if k.startswith("lora.")} for u in ups]
     if method.text_agg == "ata":
-        # in place: the uploads' Θ^l tensors become the downloads (fresh copies made by each client
-        # or deserialised by the engine), so the server holds K text adapters once, not twice
-        text, _ = aggregate.adaptive_text(text, nk, top_m, inplace=True)
+        text, _ = aggregate.adaptive_text(text, nk, top_m, inplace=consume)
     elif method.text_agg == "fedavg":
         text = [aggregate.fedavg(text, nk)] * K
     prefixed = lambda task, sd: {f"global_task_adapter.{task}.{k}": v for k, v in sd.items()}
@@ -380,7 +379,9 @@ def server_step(uploads, downloads, tasks_of, n, expected, cfg: Config, log=prin
     method = METHODS[cfg.method]
     communicates = method.text_agg != "none"    # Local's uploads are its own: nothing to screen
     screened = screen_uploads(uploads, downloads, tasks_of, expected, cfg.norm_screen if communicates else 0, log)
-    return server_round(screened, tasks_of, n, cfg.top_m, method, previous=downloads)
+    # consume: the uploads' Θ^l tensors (each client's own, received by the server) become the
+    # downloads, so the server holds K text adapters once, not twice
+    return server_round(screened, tasks_of, n, cfg.top_m, method, previous=downloads, consume=True)
 
 
 # ----------------------------------------------------------------------------- the simulation

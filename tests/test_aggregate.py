@@ -92,3 +92,13 @@ def test_distances_exact_for_clients_sharing_a_large_start():
     for chunk in (1 << 16, 64):          # 64: several chunks per tensor, a short last one
         d = aggregate.pairwise_distances(states, chunk=chunk)
         assert torch.allclose(d, exact, rtol=1e-5, atol=0)
+
+
+def test_mix_in_place_refuses_clients_sharing_a_tensor():
+    shared = {"a": torch.ones(2)}
+    try:
+        aggregate.mix([shared, shared], torch.eye(2, dtype=torch.float64), inplace=True)
+    except ValueError as e:
+        assert "'a'" in str(e)
+    else:
+        raise AssertionError("sharing clients were mixed in place")

@@ -5,7 +5,8 @@ Benchmarks: what Pilot costs beside plain federated LoRA. Prints a table, writes
     python bench.py --device cuda        # adds the GPU part: a LLaVA-1.5-7B-shaped client step
 
 Ratios are measured side by side in one process, after warm-up, as the median of several repeats;
-absolute times are printed too. Nothing here asserts a time.
+absolute times are printed too. Peak memory of an aggregation is measured in a fresh process each
+(memory a process has freed stays counted in its resident set). Nothing here asserts a time.
 """
 import argparse
 import json
@@ -117,19 +118,49 @@ def bench_step(repeats, steps=8):
 
 
 # ----------------------------------------------------------------------------- 3. server aggregation
+def synthetic_uploads(k, params, seed=0):
+    """k clients' text adapters of `params` parameters in 64 tensors, all moved a little from one
+    shared start (as Pilot's clients are: one Θ^l_0 for everyone)."""
+    g = torch.Generator().manual_seed(seed)
+    start = [torch.randn(params // 64, generator=g) for _ in range(64)]
+    return [{f"lora.{i}": x + 0.01 * torch.randn(x.shape, generator=g) for i, x in enumerate(start)} for _ in range(k)]
+
+
+def aggregation_peak_mb(k, params):
+    """Peak resident memory of one server aggregation above the uploads, each measured in a fresh
+    process: memory that one measurement freed stays with its process and would hide the next
+    peak. ATA as run.py calls it (in place), ATA returning new tensors, and FedAvg."""
+    import multiprocessing
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        return {name: pool.apply(_peak_in_child, (k, params, name)) for name in ("ata_inplace", "ata", "fedavg")}
+
+
+def _peak_in_child(k, params, name):
+    import run
+    states, n = synthetic_uploads(k, params), list(range(1, k + 1))
+    fn = {"ata_inplace": lambda: aggregate.adaptive_text(states, n, 3, inplace=True),
+          "ata": lambda: aggregate.adaptive_text(states, n, 3), "fedavg": lambda: aggregate.fedavg(states, n)}[name]
+    run.reset_peak_memory("cpu")
+    before = run.resident_mb()
+    out = fn()
+    peak = run.resident_mb("VmHWM:") - before
+    del out
+    return peak
+
+
 def bench_aggregation(k, params, repeats):
-    """ATA versus FedAvg for k clients whose text adapter has `params` parameters (64 tensors)."""
-    g = torch.Generator().manual_seed(0)
-    per = params // 64
-    states = [{f"lora.{i}": torch.randn(per, generator=g) for i in range(64)} for _ in range(k)]
-    n = list(range(1, k + 1))
-    # memory first: freed small blocks stay in the process and would hide a later peak
-    peak = peak_rss_mb(lambda: aggregate.adaptive_text(states, n, 3))
+    """ATA versus FedAvg for k clients whose text adapter has `params` parameters. ATA is timed in
+    place, as the server runs it (the uploads become the downloads); repeating it on its own
+    output is the same work."""
+    states, n = synthetic_uploads(k, params), list(range(1, k + 1))
     t_avg = timeit(lambda: aggregate.fedavg(states, n), repeats)
-    t_ata = timeit(lambda: aggregate.adaptive_text(states, n, 3), repeats)
-    uploads_mb = k * params * 4 / 2**20
-    return {"fedavg_s": t_avg, "ata_s": t_ata, "ratio": t_ata / t_avg, "uploads_mb": uploads_mb,
-            "ata_extra_peak_mb": peak, "one_tensor_per_client_mb": k * per * 4 / 2**20}
+    t_ata = timeit(lambda: aggregate.adaptive_text(states, n, 3, inplace=True), repeats)
+    t_dist = timeit(lambda: aggregate.pairwise_distances(states), repeats)
+    del states
+    mb = lambda x: x * 4 / 2**20
+    return {"fedavg_s": t_avg, "ata_s": t_ata, "ata_distances_s": t_dist, "ratio": t_ata / t_avg,
+            "uploads_mb": mb(k * params), "one_tensor_per_client_mb": mb(k * (params // 64)),
+            "peak_above_uploads_mb": aggregation_peak_mb(k, params)}
 
 
 # ----------------------------------------------------------------------------- 4. communication
@@ -233,9 +264,11 @@ def main():
                 continue   # more than 8 GiB of uploads: beyond this machine's comfort
             r = bench_aggregation(k, p, a.repeats)
             res[f"agg_k{k}_p{p}"] = r
-            rows.append((f"aggregation K={k}, {p / 1e6:.0f}M params", f"FedAvg {r['fedavg_s']:.3f} s, ATA {r['ata_s']:.3f} s, "
-                         f"{r['ratio']:.2f}x; ATA's peak above its input: {r['ata_extra_peak_mb']:,.0f} MB (uploads {r['uploads_mb']:,.0f} MB, "
-                         f"one tensor per client {r['one_tensor_per_client_mb']:,.1f} MB)"))
+            pk = r["peak_above_uploads_mb"]
+            rows.append((f"aggregation K={k}, {p / 1e6:.0f}M params", f"FedAvg {r['fedavg_s']:.3f} s, ATA {r['ata_s']:.3f} s "
+                         f"(distances {r['ata_distances_s']:.3f} s), {r['ratio']:.2f}x; peak above the uploads "
+                         f"({r['uploads_mb']:,.0f} MB): ATA in place {pk['ata_inplace']:,.0f} MB, ATA to new tensors "
+                         f"{pk['ata']:,.0f} MB, FedAvg {pk['fedavg']:,.0f} MB; one tensor per client {r['one_tensor_per_client_mb']:,.1f} MB"))
     res["ata_over_fedavg_time_k32"] = res["agg_k32_p40000000"]["ratio"]
     r = comm_7b()
     res["comm_7b"] = r

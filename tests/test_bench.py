@@ -14,3 +14,12 @@ def test_llava_7b_communication_arithmetic():
     assert r["adapter_params"] == 1024 * 4096 + 4096 + 4096 * 4096 + 4096
     assert r["pilot_down_params"] == r["lora_params"] + 3 * r["adapter_params"]
     assert r["bytes_up_per_round_pilot_7b"] == 4 * (r["lora_params"] + r["adapter_params"])
+
+
+def test_in_place_ata_needs_no_second_copy_of_the_uploads():
+    # 4 clients x 16M parameters (256 MB of uploads), each aggregation in a fresh process
+    peak = bench.aggregation_peak_mb(4, 64 * 250_000)
+    uploads_mb = 4 * 64 * 250_000 * 4 / 2**20
+    assert peak["ata"] > 0.9 * uploads_mb          # returning new tensors: the uploads' size again
+    assert peak["ata_inplace"] < 0.25 * uploads_mb  # in place: one tensor per client (4 MB) plus small buffers
+    assert peak["fedavg"] < 0.5 * uploads_mb       # one averaged adapter (64 MB)

@@ -136,16 +136,10 @@ def aggregation_peak_mb(k, params):
 
 
 def _peak_in_child(k, params, name):
-    import run
     states, n = synthetic_uploads(k, params), list(range(1, k + 1))
-    fn = {"ata_inplace": lambda: aggregate.adaptive_text(states, n, 3, inplace=True),
-          "ata": lambda: aggregate.adaptive_text(states, n, 3), "fedavg": lambda: aggregate.fedavg(states, n)}[name]
-    run.reset_peak_memory("cpu")
-    before = run.resident_mb()
-    out = fn()
-    peak = run.resident_mb("VmHWM:") - before
-    del out
-    return peak
+    return peak_rss_mb({"ata_inplace": lambda: aggregate.adaptive_text(states, n, 3, inplace=True),
+                        "ata": lambda: aggregate.adaptive_text(states, n, 3),
+                        "fedavg": lambda: aggregate.fedavg(states, n)}[name])
 
 
 def bench_aggregation(k, params, repeats):

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# The paper's loss weights, used as defaults only: run.py passes its --lambda-* settings into the connectors.
 LAMBDA_D = 0.1    # λ0, difference loss weight (stage 1)
 LAMBDA_B = 0.1    # λ1, load-balance loss weight (stage 2)
 LAMBDA_Z = 0.01   # λ2, router z-loss weight (stage 2)
@@ -95,8 +96,9 @@ def difference_loss(x_t, x_s):
 class Stage1Connector(nn.Module):
     """Stage 1: x_img = ψ_t(H_v) + ψ_s(H_v); aux loss λ0 L_d(x_t, x_s)."""
 
-    def __init__(self, c_v: int, c: int, use_client: bool = True):
+    def __init__(self, c_v: int, c: int, use_client: bool = True, lambda_d: float = LAMBDA_D):
         super().__init__()
+        self.lambda_d = lambda_d
         self.task_adapter = MLPAdapter(c_v, c)
         self.client_adapter = MLPAdapter(c_v, c) if use_client else None
 
@@ -105,7 +107,7 @@ class Stage1Connector(nn.Module):
         if self.client_adapter is None:  # ablation pilot-no-stage1 / plain connector
             return x_t, x_t.new_zeros(())
         x_s = self.client_adapter(h_v)
-        return x_t + x_s, LAMBDA_D * difference_loss(x_t, x_s)
+        return x_t + x_s, self.lambda_d * difference_loss(x_t, x_s)
 
 
 def router_losses(logits):
@@ -153,10 +155,11 @@ class CTMoAConnector(nn.Module):
     computed without a graph (frozen_experts) and the trainable cross-task adapters as one stacked
     mixture, so that backward does matmuls for trainable tensors only."""
 
-    def __init__(self, c_v: int, c: int, n_tasks: int, use_client: bool = True):
+    def __init__(self, c_v: int, c: int, n_tasks: int, use_client: bool = True,
+                 lambda_b: float = LAMBDA_B, lambda_z: float = LAMBDA_Z):
         super().__init__()
         f = n_tasks - 1  # foreign experts
-        self.n_tasks = n_tasks
+        self.n_tasks, self.lambda_b, self.lambda_z = n_tasks, lambda_b, lambda_z
         self.task_adapter = MLPAdapter(c_v, c)
         self.client_adapter = MLPAdapter(c_v, c).requires_grad_(False) if use_client else None
         self.register_buffer("foreign_w1", torch.zeros(f, c, c_v))
@@ -182,7 +185,7 @@ class CTMoAConnector(nn.Module):
             x = x + (pf.unsqueeze(-2) @ y).squeeze(-2)                        # Σ_i P_i ψ^t_i(H_v)
             x = x + mixture(h_v, ca["w1"], ca["b1"], ca["w2"], ca["b2"], pf)
             l_b, l_z = router_losses(logits)
-            aux = LAMBDA_B * l_b + LAMBDA_Z * l_z
+            aux = self.lambda_b * l_b + self.lambda_z * l_z
         if self.client_adapter is not None:
             x = x + self.client_adapter(h_v)                                  # ψ_s, weight 1, frozen
         return x, aux
@@ -203,26 +206,41 @@ def sub_state(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def build_stage1(c_v, c, projector: dict, global_task=None, private=None, use_client=True):
+def fresh_client_adapter(projector: dict) -> dict:
+    """A new ψ_s. [reading] PILOT_METHOD.md, Stage 1, "Initialisation": the projector's first layer
+    and a ZERO last layer, so ψ_s(H_v) = 0 and x_img = ψ_t(H_v) starts as the projector's output.
+    Why not a copy of the projector (the released fragment): ψ_t and ψ_s would start equal, and
+    since x_img = x_t + x_s and L_d is symmetric in them, they would get identical gradients at
+    every step and stay equal; the zero last layer breaks that symmetry from the first step."""
+    return {**{k: v for k, v in projector.items() if k.startswith("linear_1.")},
+            **{k: torch.zeros_like(v) for k, v in projector.items() if k.startswith("linear_2.")}}
+
+
+def _client_adapter_state(projector, private):
+    """The client's own ψ_s when it has one (it continues from it), else a fresh one."""
+    return sub_state(private or {}, "client_adapter.") or fresh_client_adapter(projector)
+
+
+def build_stage1(c_v, c, projector: dict, global_task=None, private=None, use_client=True, lambda_d=LAMBDA_D):
     """ψ_t from the global task adapter of the client's task when there is one, else from the
-    projector; ψ_s from the client's private state, else from the projector."""
-    conn = Stage1Connector(c_v, c, use_client)
+    projector; ψ_s from the client's private state, else fresh (fresh_client_adapter)."""
+    conn = Stage1Connector(c_v, c, use_client, lambda_d)
     _load_adapter(conn.task_adapter, global_task or projector)
     if use_client:
-        saved = sub_state(private or {}, "client_adapter.")
-        _load_adapter(conn.client_adapter, saved or projector)
+        _load_adapter(conn.client_adapter, _client_adapter_state(projector, private))
     return conn
 
 
 def build_ctmoa(c_v, c, projector: dict, tasks, own_task, global_tasks: dict, private=None,
-                use_client=True, seed=0):
+                use_client=True, seed=0, lambda_b=LAMBDA_B, lambda_z=LAMBDA_Z):
     """CT-MoA for a client of own_task: expert 1 from the global ψ^t of own_task, foreign experts
     from the other tasks' global ψ^t (frozen), ψ_s (frozen), ψ^c and φ from the client's private
     state when it has them. Fresh ψ^c: first layer from the projector, last layer zero
-    ([reading] so h_i starts as ψ^t_i). Fresh φ: seeded default nn.Linear init."""
+    ([reading] so h_i starts as ψ^t_i). Fresh φ: seeded default nn.Linear init. A client without a
+    ψ_s (no stage-1 round) gets a fresh one, whose output is zero: frozen, it adds nothing."""
     private = private or {}
     foreign = [t for t in tasks if t != own_task]
-    conn = CTMoAConnector(c_v, c, len(tasks), use_client)
+    conn = CTMoAConnector(c_v, c, len(tasks), use_client, lambda_b, lambda_z)
     _load_adapter(conn.task_adapter, global_tasks[own_task])
     with torch.no_grad():
         for i, t in enumerate(foreign):
@@ -247,7 +265,7 @@ def build_ctmoa(c_v, c, projector: dict, tasks, own_task, global_tasks: dict, pr
             conn.router.weight.copy_(torch.rand(conn.router.weight.shape, generator=g) * 2 * bound - bound)
             conn.router.bias.copy_(torch.rand(conn.router.bias.shape, generator=g) * 2 * bound - bound)
     if use_client:
-        _load_adapter(conn.client_adapter, sub_state(private, "client_adapter.") or projector)
+        _load_adapter(conn.client_adapter, _client_adapter_state(projector, private))
     return conn
 
 
@@ -294,15 +312,16 @@ def embed(model, x_img, input_ids):
     return emb.masked_scatter(mask, x_img.to(emb.dtype))
 
 
-def lm_loss(model, x_img, input_ids, attention_mask, labels):
-    """Next-token cross-entropy on answer tokens only (labels -100 elsewhere). The LM head runs on
-    the answer positions alone: the rest of the vocabulary projection would be thrown away."""
+def lm_loss(model, x_img, input_ids, attention_mask, labels, reduction="mean"):
+    """Next-token cross-entropy on answer tokens only (labels -100 elsewhere), the mean over those
+    tokens (reduction="sum": their sum). The LM head runs on the answer positions alone: the rest
+    of the vocabulary projection would be thrown away."""
     emb = embed(model, x_img, input_ids)
     hidden = model.model.language_model(inputs_embeds=emb, attention_mask=attention_mask).last_hidden_state
     target = labels[:, 1:]
     keep = target != -100
     logits = model.lm_head(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), target[keep])
+    return F.cross_entropy(logits.float(), target[keep], reduction=reduction)
 
 
 @torch.no_grad()

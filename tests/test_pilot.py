@@ -144,3 +144,51 @@ def test_split_connector_state_keeps_private_tensors_private():
     assert up and all(k.startswith("task_adapter.") for k in up)
     assert {k.split(".")[0] for k in private} == {"client_adapter", "cross_adapter", "router"}
     assert not any(k.startswith("foreign") for k in {**up, **private})
+
+
+def test_stage1_starts_at_the_projector_and_separates_task_from_client_adapter():
+    """ψ_s starts with a zero last layer, so x_img is the projector's output exactly at step 0; the
+    two adapters then get different gradients, and L_d reaches both once ψ_s is non-zero."""
+    g = torch.Generator().manual_seed(0)
+    proj = _random_adapter_state(4, 5, g)
+    projector = pilot.MLPAdapter(4, 5)
+    projector.load_state_dict(proj)
+    conn = pilot.build_stage1(4, 5, proj)
+    h = torch.randn(2, 3, 4, generator=g)
+    x, aux = conn(h)
+    assert torch.equal(x, projector(h))
+    assert torch.count_nonzero(conn.client_adapter.linear_2.weight) == 0
+    assert torch.equal(conn.client_adapter.linear_1.weight, proj["linear_1.weight"])
+    opt = torch.optim.AdamW(conn.parameters(), lr=1e-2, weight_decay=0.0)
+    target = torch.randn(2, 3, 5, generator=g)
+    x, aux = conn(h)
+    ((x - target).pow(2).mean() + aux).backward()
+    opt.step()
+    opt.zero_grad()
+    t, s = conn.task_adapter.state_dict(), conn.client_adapter.state_dict()
+    assert (t["linear_2.weight"] - s["linear_2.weight"]).abs().max() > 1e-3
+    x_t, x_s = conn.task_adapter(h), conn.client_adapter(h)
+    assert x_s.abs().max() > 0
+    pilot.difference_loss(x_t, x_s).backward()
+    for adapter in (conn.task_adapter, conn.client_adapter):
+        assert adapter.linear_2.weight.grad.abs().max() > 0
+    # a client that has a ψ_s continues from it
+    mine = {f"client_adapter.{k}": v + 1 for k, v in proj.items()}
+    again = pilot.build_stage1(4, 5, proj, private=mine)
+    assert torch.equal(again.client_adapter.linear_2.weight, proj["linear_2.weight"] + 1)
+
+
+def test_loss_weights_are_passed_into_the_connectors():
+    g = torch.Generator().manual_seed(0)
+    proj = _random_adapter_state(4, 5, g)
+    h = torch.randn(2, 3, 4, generator=g)
+    a, b = pilot.build_stage1(4, 5, proj, lambda_d=0.1), pilot.build_stage1(4, 5, proj, lambda_d=0.3)
+    with torch.no_grad():
+        for conn in (a, b):
+            conn.client_adapter.linear_2.weight.copy_(proj["linear_2.weight"])
+    assert torch.allclose(b(h)[1], 3 * a(h)[1]) and a(h)[1] > 0
+    tasks = ["caption", "vqa"]
+    globals_ = {t: _random_adapter_state(4, 5, g) for t in tasks}
+    c = pilot.build_ctmoa(4, 5, proj, tasks, "vqa", globals_, {}, lambda_b=0.5, lambda_z=0.0)
+    l_b, _ = pilot.router_losses(c.router(h))
+    assert torch.allclose(c(h)[1], 0.5 * l_b)

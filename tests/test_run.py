@@ -41,6 +41,10 @@ def test_client_round_uploads_only_task_adapter_and_text_adapter(small_backbone_
     assert set(up) == set(theta0) | {f"task_adapter.linear_{i}.{w}" for i in (1, 2) for w in ("weight", "bias")}
     assert set(private) == {f"client_adapter.linear_{i}.{w}" for i in (1, 2) for w in ("weight", "bias")}
     assert any(not torch.equal(up[k], theta0[k]) for k in theta0)          # training changed Θ^l
+    # stage 1 trained two different adapters: ψ_t (uploaded) and ψ_s (private), ψ_s away from its zero start
+    for key in ("linear_1.weight", "linear_2.weight"):
+        assert (up[f"task_adapter.{key}"] - private[f"client_adapter.{key}"]).abs().max() > 1e-3
+    assert private["client_adapter.linear_2.weight"].abs().max() > 1e-4
     downloads = run.server_round([up, up], ["caption", "vqa"], [8, 8], top_m=3)
     assert set(downloads[0]) == set(theta0) | {f"global_task_adapter.{t}.linear_{i}.{w}" for t in tasks
                                                for i in (1, 2) for w in ("weight", "bias")}

@@ -43,7 +43,7 @@ def log(msg):
 
 # ----------------------------------------------------------------------------- configuration
 # [tool.flwr.app.config] uses run.py's flag names; TOML has no None, so 0 / "" stand for "default".
-OPTIONAL = {"clients", "n_train", "n_test", "lora_r", "lora_alpha"}
+OPTIONAL = {"clients", "n_train", "n_test", "lora_r", "lora_alpha", "top_m"}
 
 
 def config_from(run_config) -> run.Config:
@@ -88,8 +88,14 @@ def _prepare(context: Context):
     return cfg, bb, run.prepare_client(bb, c, cfg.device, cfg.max_length, log)
 
 
-def _private(context: Context) -> dict:
-    """ψ_s, ψ^c, φ: kept in the node's context.state between rounds, never sent."""
+def _private(context: Context, accepted: bool) -> dict:
+    """ψ_s, ψ^c, φ: kept in the node's context.state between rounds, never sent. The state the last
+    round's training produced waits in 'pending' until the server's next message says whether that
+    round's upload was accepted: kept if so, dropped if not (run.settle_private, as in run.py)."""
+    if "pending" in context.state:
+        if accepted:
+            context.state["private"] = context.state["pending"]
+        del context.state["pending"]
     return dict(context.state["private"].to_torch_state_dict()) if "private" in context.state else {}
 
 
@@ -107,10 +113,10 @@ def train(msg: Message, context: Context):
     t1 = time.time()
     conf = msg.content["config"]
     download = dict(msg.content["download"].to_torch_state_dict())
-    fault = run.parse_faults(cfg.faults).get(int(conf["k"]))   # simulated faults, keyed like run.py's
-    up, private, st = run.client_step(bb, ct, download, _private(context), int(conf["stage"]), list(conf["tasks"]),
-                                      cfg, int(conf["round"]), fault, log_bar=False)
-    context.state["private"] = ArrayRecord(private)
+    fault = run.fault_for(run.parse_faults(cfg.faults), int(conf["k"]), int(conf["round"]))  # keyed like run.py's
+    up, private, st = run.client_step(bb, ct, download, _private(context, bool(conf["accepted"])), int(conf["stage"]),
+                                      list(conf["tasks"]), cfg, int(conf["round"]), fault, log_bar=False)
+    context.state["pending"] = ArrayRecord(private)
     if up is None:
         raise RuntimeError(f"client {ct.id} failed in round {int(conf['round']) + 1} (fault injection: drop)")
     # the time spent loading the backbone and encoding the data (each message is a fresh ClientApp
@@ -123,7 +129,7 @@ def train(msg: Message, context: Context):
 def evaluate(msg: Message, context: Context):
     cfg, bb, ct = _prepare(context)
     conf = msg.content["config"]
-    download, private = dict(msg.content["download"].to_torch_state_dict()), _private(context)
+    download, private = dict(msg.content["download"].to_torch_state_dict()), _private(context, bool(conf["accepted"]))
     row = run.evaluate_row(bb, ct, download, private, int(conf["stage"]), list(conf["tasks"]), cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,7 +169,7 @@ def _wait_for_nodes(grid: Grid, k):
 @server_app.main()
 def main(grid: Grid, context: Context):
     t0 = time.time()
-    cfg = config_from(context.run_config)
+    cfg = run.with_defaults(config_from(context.run_config), log)
     method = run.METHODS[cfg.method]
     out = Path(cfg.out or f"runs/flower-{cfg.scenario}-{cfg.method}-seed{cfg.seed}")
     out.mkdir(parents=True, exist_ok=True)
@@ -190,16 +196,19 @@ def main(grid: Grid, context: Context):
     bytes_up, bytes_down = 0, sum(run.nbytes(d) for d in downloads) if communicates else 0
     rounds = cfg.rounds_stage1 + cfg.rounds_stage2
 
+    accepted = [True] * K     # whether each client's last upload was used (its private state follows)
+
     def contents(r, stage):
         return [RecordDict({"download": ArrayRecord(downloads[k]),
-                            "config": ConfigRecord({"round": r, "stage": stage, "tasks": tasks, "k": k})})
+                            "config": ConfigRecord({"round": r, "stage": stage, "tasks": tasks, "k": k,
+                                                    "accepted": accepted[k]})})
                 for k in range(K)]
 
     for r in range(rounds):
         stage, tr = run.stage_of(cfg, r), time.time()
         replies = _exchange(grid, node_of, MessageType.TRAIN, contents(r, stage), str(r + 1))
         uploads = [dict(m.content["upload"].to_torch_state_dict()) if m else None for m in replies]
-        downloads = run.server_step(uploads, downloads, tasks_of, n, expected, cfg, log)
+        downloads, accepted = run.server_step(uploads, downloads, tasks_of, n, expected, cfg, log)
         ru = sum(run.nbytes(u) for u in uploads if u is not None) if communicates else 0
         rd = sum(run.nbytes(d) for d in downloads) if communicates else 0
         bytes_up, bytes_down = bytes_up + ru, bytes_down + rd
@@ -210,14 +219,16 @@ def main(grid: Grid, context: Context):
             f"{max((m['prepare_s'] for m in metrics), default=0):.1f} s loading, "
             f"{max((m['train_s'] for m in metrics), default=0):.1f} s training)")
 
-    stage = run.stage_of(cfg, rounds - 1) if rounds else 1
+    stage = run.final_stage(cfg)
     replies = _exchange(grid, node_of, MessageType.EVALUATE, contents(rounds, stage), "evaluate")
     if not all(replies):
         raise RuntimeError("a client failed its evaluation; see the log above")
     rows = [json.loads(m.content["row"]["json"]) for m in replies]
     per_task, average = run.summarise_rows(rows, tasks)
+    per_task_ce, average_ce = run.summarise_rows(rows, tasks, "test_ce", 4)
     res = {"scenario": cfg.scenario, "seed": cfg.seed, "method": cfg.method, "backbone": cfg.backbone,
            "engine": "flower", "clients": rows, "per_task": per_task, "average": average,
+           "per_task_ce": per_task_ce, "average_ce": average_ce,
            "bytes_up": bytes_up, "bytes_down": bytes_down, "wall_s": round(time.time() - t0, 1),
            "rounds": [{"round": rounds, "per_task": per_task, "average": average}], "config": asdict(cfg)}
     run.write_results(out, res, log)

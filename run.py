@@ -19,6 +19,7 @@ import argparse
 import fcntl
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -43,13 +44,16 @@ class Config:
     rounds_stage1: int = 1      # R1 [reading]: stage 1 for the first R1 rounds
     rounds_stage2: int = 3      # R2: stage 2 (CT-MoA) for the next R2 rounds
     local_epochs: int = 1       # E
-    top_m: int = 3              # M nearest neighbours in ATA
+    top_m: int = None           # M nearest neighbours in ATA; None: min(3, K − 1) for K clients
     backbone: str = "tiny"
     out: str = ""
     device: str = "cpu"
     # optimisation (tiny-backbone scale; the paper's 7B run uses 2e-5 / 4e-5 with r 64, alpha 128)
     lr_stage1: float = 3e-3
     lr_stage2: float = 6e-3     # stage 2 at twice stage 1's rate, as in the paper
+    lambda_d: float = pilot.LAMBDA_D   # λ0, difference loss L_d (stage 1)
+    lambda_b: float = pilot.LAMBDA_B   # λ1, load balance L_b (stage 2)
+    lambda_z: float = pilot.LAMBDA_Z   # λ2, router z-loss L_z (stage 2)
     batch_size: int = 8
     warmup_ratio: float = 0.03
     lora_r: int = None          # None: 8 for the tiny backbone, 64 for real checkpoints (the paper's)
@@ -110,15 +114,21 @@ class ClientTensors:
     h_train: torch.Tensor
     items_train: list
     h_test: torch.Tensor
-    prompts_test: list
+    items_test: list          # (prompt ids, answer ids), for the teacher-forced test loss
     test: list = field(repr=False)
 
 
 def prepare_client(bb, c: data.ClientData, device, max_length=None, log=print) -> ClientTensors:
     """Encode a client's data once. The vision tower is frozen, so H_v = f(X_v) never changes:
-    computing it once per image, not once per epoch, is the same model at a fraction of the cost."""
+    computing it once per image, not once per epoch, is the same model at a fraction of the cost.
+    Every image file is read here, before any training: an unreadable one is a DataError naming
+    the client, the record and the file."""
+    def image(s):
+        return s.image if isinstance(s.image, torch.Tensor) else \
+            data.open_image(s.image, f"client {c.name or c.id}, record {s.id}")
+
     def feats(samples):
-        return torch.cat([pilot.image_features(bb.model, bb.pixels([s.image for s in samples[i:i + 64]]).to(device))
+        return torch.cat([pilot.image_features(bb.model, bb.pixels([image(s) for s in samples[i:i + 64]]).to(device))
                           for i in range(0, len(samples), 64)])
     train, test = [bb.encode(s, max_length) for s in c.train], [bb.encode(s, max_length) for s in c.test]
     cut = sum(t for _, _, t in train + test)
@@ -126,12 +136,19 @@ def prepare_client(bb, c: data.ClientData, device, max_length=None, log=print) -
         log(f"warning: client {c.name or c.id}: {cut} of {len(train) + len(test)} samples longer than "
             f"{max_length} tokens had their instruction truncated (answers are kept whole)")
     return ClientTensors(c.id, c.task, feats(c.train), [(p, a) for p, a, _ in train],
-                         feats(c.test), [p for p, _, _ in test], c.test)
+                         feats(c.test), [(p, a) for p, a, _ in test], c.test)
 
 
-def build_connector(bb, stage, tasks, own_task, download, private, seed, method=METHODS["pilot"]):
+def loss_weights(cfg: Config) -> dict:
+    """The auxiliary losses' weights λ0, λ1, λ2, as the connectors take them."""
+    return {"lambda_d": cfg.lambda_d, "lambda_b": cfg.lambda_b, "lambda_z": cfg.lambda_z}
+
+
+def build_connector(bb, stage, tasks, own_task, download, private, seed, method=METHODS["pilot"], weights=None):
     """The connector a client trains (or is evaluated with) in this stage, from its download and
-    private state. Round 1 has no global task adapters yet: ψ_t starts from the projector."""
+    private state. Round 1 has no global task adapters yet: ψ_t starts from the projector.
+    weights: loss_weights(cfg); None keeps the paper's λ0, λ1, λ2."""
+    w = weights or {}
     c_v, c = bb.dims
     proj = pilot.projector_state(bb.model)
     # a task whose clients have never had an upload accepted has no global adapter yet: the projector
@@ -139,9 +156,11 @@ def build_connector(bb, stage, tasks, own_task, download, private, seed, method=
     if method.connector == "mlp":  # FedAvg family and Local: the projector-shaped MLP alone
         return pilot.build_stage1(c_v, c, proj, globals_[own_task], use_client=False)
     if stage == 1:
-        return pilot.build_stage1(c_v, c, proj, globals_[own_task], private, method.client_adapter)
+        return pilot.build_stage1(c_v, c, proj, globals_[own_task], private, method.client_adapter,
+                                  **{k: v for k, v in w.items() if k == "lambda_d"})
     return pilot.build_ctmoa(c_v, c, proj, tasks if method.ctmoa else [own_task], own_task, globals_, private,
-                             use_client=method.client_adapter and method.client_in_stage2, seed=seed)
+                             use_client=method.client_adapter and method.client_in_stage2, seed=seed,
+                             **{k: v for k, v in w.items() if k in ("lambda_b", "lambda_z")})
 
 
 def load_text_adapter(model, download):
@@ -152,14 +171,18 @@ def load_text_adapter(model, download):
             p.copy_(download[k])
 
 
-def client_round(bb, ct: ClientTensors, download, private, stage, tasks, cfg: Config, round_idx, log_bar=True):
+def client_round(bb, ct: ClientTensors, download, private, stage, tasks, cfg: Config, round_idx, log_bar=None):
     """One client, one round of local training. Returns (upload, private, stats): the upload holds
-    'task_adapter.*' (Θ^a) and 'lora.*' (Θ^l); ψ_s, ψ^c and φ stay in private."""
+    'task_adapter.*' (Θ^a) and 'lora.*' (Θ^l); ψ_s, ψ^c and φ stay in private. A progress bar is
+    drawn only on a terminal (log_bar None: when stderr is one); a log file gets the round lines."""
+    t0 = time.time()
+    log_bar = sys.stderr.isatty() if log_bar is None else log_bar
     model = bb.model
     device = model.device
     method = METHODS[cfg.method]
     load_text_adapter(model, download)
-    conn = build_connector(bb, stage, tasks, ct.task, download, private, cfg.seed * 1000 + ct.id, method).to(device)
+    conn = build_connector(bb, stage, tasks, ct.task, download, private, cfg.seed * 1000 + ct.id, method,
+                           loss_weights(cfg)).to(device)
     trainable = pilot.trainable_parameters(model, conn)
     params = list(trainable.values())
     anchor = [p.detach().clone() for p in params] if method.prox else None
@@ -199,7 +222,7 @@ def client_round(bb, ct: ClientTensors, download, private, stage, tasks, cfg: Co
     upload = {**{k: v.cpu() for k, v in up_conn.items()},
               **{k: v.detach().to("cpu", torch.float32, copy=True) for k, v in pilot.lora_state(model).items()}}
     new_private = {k: v.cpu() for k, v in new_private.items()}
-    stats = {"loss_first": losses[0], "loss_last": losses[-1], "steps": steps,
+    stats = {"loss_first": losses[0], "loss_last": losses[-1], "steps": steps, "seconds": time.time() - t0,
              "trainable_params": sum(p.numel() for p in params), "upload_params": sum(v.numel() for v in upload.values())}
     del opt, sched, conn, trainable, params, anchor  # nothing of this client's optimisation outlives its round
     return upload, {**private, **new_private}, stats
@@ -208,22 +231,29 @@ def client_round(bb, ct: ClientTensors, download, private, stage, tasks, cfg: Co
 @torch.no_grad()
 def evaluate_client(bb, ct: ClientTensors, download, private, stage, tasks, cfg: Config):
     """Greedy answers on the client's held-out test set with what it downloaded plus its private
-    tensors; returns (score in percent units, predictions)."""
+    tensors; returns (score in percent units, predictions, test loss). The test loss is the mean
+    answer-token cross-entropy, teacher-forced: a smooth measure beside the generated answers'
+    score, which moves only when a whole answer changes."""
     model = bb.model
     load_text_adapter(model, download)
-    conn = build_connector(bb, stage, tasks, ct.task, download, private, 0, METHODS[cfg.method]).to(model.device).eval()
-    preds = []
-    for i in range(0, len(ct.prompts_test), cfg.eval_batch_size):
-        prompts = ct.prompts_test[i:i + cfg.eval_batch_size]
-        ids, mask = bbmod.collate_prompts(prompts, bb.tokenizer.pad_token_id)
-        x_img, _ = conn(ct.h_test[i:i + len(prompts)].float())
+    conn = build_connector(bb, stage, tasks, ct.task, download, private, 0, METHODS[cfg.method],
+                           loss_weights(cfg)).to(model.device).eval()
+    preds, ce_sum, n_tokens = [], 0.0, 0
+    for i in range(0, len(ct.items_test), cfg.eval_batch_size):
+        items = ct.items_test[i:i + cfg.eval_batch_size]
+        x_img, _ = conn(ct.h_test[i:i + len(items)].float())
+        ids, mask, labels = bbmod.collate(items, bb.tokenizer.pad_token_id)
+        ce_sum += float(pilot.lm_loss(model, x_img, ids.to(model.device), mask.to(model.device),
+                                      labels.to(model.device), reduction="sum"))
+        n_tokens += int((labels[:, 1:] != -100).sum())
+        ids, mask = bbmod.collate_prompts([p for p, _ in items], bb.tokenizer.pad_token_id)
         # the tiny backbone's answers have known lengths; a real model's answers stop at EOS within 64
         limit = MAX_NEW_TOKENS[ct.task] if cfg.backbone == "tiny" else 64
         out = pilot.generate(model, x_img, ids.to(model.device), mask.to(model.device), limit,
                              bb.tokenizer.eos_token_id, bb.tokenizer.pad_token_id)
         preds += bb.tokenizer.batch_decode(out, skip_special_tokens=True)
     preds = [p.strip() for p in preds]
-    return data.score(ct.task, preds, ct.test), preds
+    return data.score(ct.task, preds, ct.test), preds, ce_sum / max(1, n_tokens)
 
 
 # ----------------------------------------------------------------------------- server side
@@ -316,14 +346,29 @@ def apply_fault(fault, upload, download, task):
 
 
 def parse_faults(text):
-    """'client=3:nan,client=1:scale=100' -> {3: 'nan', 1: 'scale=100'}."""
+    """'client=3:nan,client=1:scale=100@2' -> {3: ('nan', None), 1: ('scale=100', 2)}: a fault in
+    every round, or only in the round after '@' (1-based)."""
     faults = {}
     for part in filter(None, (text or "").split(",")):
         who, _, what = part.partition(":")
-        if not who.startswith("client=") or not what:
-            raise ValueError(f"--faults {part!r}: expected client=<k>:nan|drop|scale=<x>")
-        faults[int(who.split("=", 1)[1])] = what
+        what, at, when = what.partition("@")
+        ok = who.startswith("client=") and who[7:].isdigit() and (not at or when.isdigit())
+        ok = ok and (what in ("nan", "drop") or what.startswith("scale="))
+        if ok and what.startswith("scale="):
+            try:
+                float(what[6:])
+            except ValueError:
+                ok = False
+        if not ok:
+            raise ValueError(f"--faults {part!r}: expected client=<k>:nan|drop|scale=<x>, optionally @<round>")
+        faults[int(who[7:])] = (what, int(when) if at else None)
     return faults
+
+
+def fault_for(faults, k, round_idx):
+    """The fault client k has in round round_idx (0-based), or None."""
+    what, when = faults.get(k, (None, None))
+    return what if when is None or when == round_idx + 1 else None
 
 
 def nbytes(state):
@@ -364,7 +409,32 @@ def stage_of(cfg: Config, r):
     return 1 if r < cfg.rounds_stage1 else 2
 
 
-def client_step(bb, ct, download, private, stage, tasks, cfg: Config, round_idx, fault=None, log_bar=True):
+def final_stage(cfg: Config):
+    """The stage whose connector the final evaluation uses: the last round's (1 when there is none)."""
+    rounds = cfg.rounds_stage1 + cfg.rounds_stage2
+    return stage_of(cfg, rounds - 1) if rounds else 1
+
+
+def with_defaults(cfg: Config, log=print) -> Config:
+    """Settings whose default depends on the federation: ATA's M, when not given, is min(3, K − 1)
+    (at least 1), so that the default fits a federation of any size."""
+    if cfg.top_m is not None:
+        return cfg
+    k = federation_size(cfg)
+    m = max(1, min(3, k - 1))
+    log(f"--top-m not given: M = min(3, K - 1) = {m} for K = {k} clients")
+    return replace(cfg, top_m=m)
+
+
+def settle_private(private, pending, accepted):
+    """A client's private state after the server's verdict on its upload: the state its training
+    produced (pending) when the upload was accepted; the state it had before the round when it was
+    rejected (the training that produced it is discarded with the upload); unchanged for a client
+    that failed (pending is then the state it had)."""
+    return [p if ok else old for old, p, ok in zip(private, pending, accepted)]
+
+
+def client_step(bb, ct, download, private, stage, tasks, cfg: Config, round_idx, fault=None, log_bar=None):
     """What a client does in a round, fault injection included: client_round, then the fault.
     Returns (upload or None when the client failed, private state, stats or None)."""
     if fault == "drop":      # the client crashed mid-training: no upload, state unchanged
@@ -375,41 +445,47 @@ def client_step(bb, ct, download, private, stage, tasks, cfg: Config, round_idx,
 
 def server_step(uploads, downloads, tasks_of, n, expected, cfg: Config, log=print):
     """What the server does in a round: check the uploads (screen_uploads), then aggregate them
-    (server_round) into each client's next download. uploads[k] is None for a client that failed."""
+    (server_round) into each client's next download. uploads[k] is None for a client that failed.
+    Returns (downloads, accepted): accepted[k] tells client k whether its upload was used, so that
+    it keeps or rolls back the private state of that round (settle_private)."""
     method = METHODS[cfg.method]
     communicates = method.text_agg != "none"    # Local's uploads are its own: nothing to screen
     screened = screen_uploads(uploads, downloads, tasks_of, expected, cfg.norm_screen if communicates else 0, log)
+    accepted = [u is not None for u in screened]
     # consume: the uploads' Θ^l tensors (each client's own, received by the server) become the
     # downloads, so the server holds K text adapters once, not twice
-    return server_round(screened, tasks_of, n, cfg.top_m, method, previous=downloads, consume=True)
+    return server_round(screened, tasks_of, n, cfg.top_m, method, previous=downloads, consume=True), accepted
 
 
 # ----------------------------------------------------------------------------- the simulation
 def results_table(res):
     tasks = list(res["per_task"])
     lines = [f"Scenario {res['scenario']}, method {res['method']}, seed {res['seed']}, backbone {res['backbone']}", "",
-             "| client | task | metric | n_train | n_test | score |", "|---|---|---|---|---|---|"]
-    lines += [f"| {c['id']} | {c['task']} | {c['metric']} | {c['n_train']} | {c['n_test']} | {c['score']:.1f} |"
-              for c in res["clients"]]
-    lines += ["", "| " + " | ".join(tasks + ["average"]) + " |", "|" + "---|" * (len(tasks) + 1),
-              "| " + " | ".join(f"{res['per_task'][t]:.1f}" for t in tasks) + f" | {res['average']:.1f} |", "",
+             "| client | task | metric | n_train | n_test | score | test loss |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {c['id']} | {c['task']} | {c['metric']} | {c['n_train']} | {c['n_test']} | {c['score']:.1f} "
+              f"| {c['test_ce']:.3f} |" for c in res["clients"]]
+    lines += ["", "| | " + " | ".join(tasks + ["average"]) + " |", "|---|" + "---|" * (len(tasks) + 1),
+              "| score | " + " | ".join(f"{res['per_task'][t]:.1f}" for t in tasks) + f" | {res['average']:.1f} |",
+              "| test loss | " + " | ".join(f"{res['per_task_ce'][t]:.3f}" for t in tasks) + f" | {res['average_ce']:.3f} |",
+              "(test loss: mean answer-token cross-entropy on the client's test set, teacher-forced)", "",
               f"bytes uploaded {res['bytes_up']:,}, downloaded {res['bytes_down']:,}; wall time {res['wall_s']:.1f} s"]
     return "\n".join(lines)
 
 
 def evaluate_row(bb, ct, download, private, stage, tasks, cfg):
     """One client's line of the results: its score on its own test set and three examples."""
-    s, preds = evaluate_client(bb, ct, download, private, stage, tasks, cfg)
+    s, preds, ce = evaluate_client(bb, ct, download, private, stage, tasks, cfg)
     return {"id": ct.id, "task": ct.task, "n_train": len(ct.items_train), "n_test": len(ct.test),
-            "metric": data.METRICS[ct.task], "score": round(s, 2), "examples": [
+            "metric": data.METRICS[ct.task], "score": round(s, 2), "test_ce": round(ce, 5), "examples": [
                 {"question": t.question, "answer": t.answer, "prediction": p} for t, p in zip(ct.test[:3], preds[:3])]}
 
 
-def summarise_rows(rows, tasks):
-    """(per-task averages of the clients' scores, their overall average)."""
-    per_task = {t: round(sum(r["score"] for r in rows if r["task"] == t) / sum(r["task"] == t for r in rows), 2)
+def summarise_rows(rows, tasks, key="score", digits=2):
+    """(per-task averages of the clients' scores, their overall average); key="test_ce": the same
+    for the test loss."""
+    per_task = {t: round(sum(r[key] for r in rows if r["task"] == t) / sum(r["task"] == t for r in rows), digits)
                 for t in tasks}
-    return per_task, round(sum(per_task.values()) / len(per_task), 2)
+    return per_task, round(sum(per_task.values()) / len(per_task), digits)
 
 
 def evaluate_all(bb, cts, downloads, private, stage, tasks, cfg):
@@ -434,7 +510,8 @@ def write_results(out: Path, res, log=print):
 
 RESUME_KEYS = ("scenario", "method", "backbone", "seed", "rounds_stage1", "rounds_stage2", "local_epochs", "top_m",
                "lr_stage1", "lr_stage2", "batch_size", "lora_r", "lora_alpha", "lora_targets", "dtype", "grad_accum",
-               "clients", "n_train", "n_test", "data", "mu", "faults", "norm_screen", "max_length")
+               "clients", "n_train", "n_test", "data", "mu", "faults", "norm_screen", "max_length",
+               "lambda_d", "lambda_b", "lambda_z")
 
 
 def reset_peak_memory(device):
@@ -467,6 +544,7 @@ def run(cfg: Config, log=print):
     cfg.resume the run continues from OUT's checkpoint."""
     t0 = time.time()
     torch.manual_seed(cfg.seed)
+    cfg = with_defaults(cfg, log)
     method = METHODS[cfg.method]
     out = Path(cfg.out or f"runs/scenario-{cfg.scenario}-{cfg.method}-seed{cfg.seed}")
     out.mkdir(parents=True, exist_ok=True)
@@ -500,7 +578,7 @@ def run(cfg: Config, log=print):
     if saved:
         meta, groups = saved
         downloads, private = groups["downloads"], [p or {} for p in groups["private"]]
-        uploads = groups["uploads"]
+        uploads, pending = groups["uploads"], [p or {} for p in groups.get("pending") or [None] * K]
         p = meta["progress"]
         r0, done, bytes_up, bytes_down = p["round"], p["done"], p["bytes_up"], p["bytes_down"]
         history, trainable, upload_params, losses = p["history"], p["trainable"], p["upload_params"], p["losses"]
@@ -509,6 +587,7 @@ def run(cfg: Config, log=print):
     else:
         downloads = [dict(theta0) for _ in clients]
         private = [{} for _ in clients]
+        pending = [{} for _ in clients]    # this round's private states, kept only if the upload is accepted
         uploads, r0, done, losses = [None] * K, 0, [], []
         bytes_up, bytes_down = 0, sum(nbytes(d) for d in downloads) if communicates else 0
         history, trainable, upload_params, elapsed = [], 0, 0, 0.0
@@ -518,9 +597,8 @@ def run(cfg: Config, log=print):
                     "trainable": trainable, "upload_params": upload_params, "losses": losses,
                     "elapsed": elapsed + time.time() - t0}
         checkpoint.save(out, {"config": asdict(cfg), "progress": progress},
-                        {"downloads": downloads, "private": private, "uploads": uploads})
+                        {"downloads": downloads, "private": private, "uploads": uploads, "pending": pending})
 
-    stage = 1
     for r in range(r0, rounds):
         stage = stage_of(cfg, r)
         tr = time.time()
@@ -528,16 +606,22 @@ def run(cfg: Config, log=print):
             if k in done:
                 continue
             reset_peak_memory(cfg.device)
-            up, private[k], st = client_step(bb, ct, downloads[k], private[k], stage, tasks, cfg, r, faults.get(k))
+            up, pending[k], st = client_step(bb, ct, downloads[k], private[k], stage, tasks, cfg, r,
+                                             fault_for(faults, k, r))
             if st:
                 losses.append(st["loss_last"])
                 trainable, upload_params = max(trainable, st["trainable_params"]), max(upload_params, st["upload_params"])
             uploads[k] = up
             rss, cuda = peak_memory(cfg.device)
-            log(f"  client {k} done: peak memory {rss or 0:.0f} MB resident" + (f", {cuda:.0f} MB CUDA" if cuda else ""))
+            trained = (f"{st['steps']} steps, loss {st['loss_first']:.3f} -> {st['loss_last']:.3f}, "
+                       f"{st['seconds']:.1f} s" if st else "failed, no upload")
+            log(f"  client {k} ({ct.task}) round {r + 1}: {trained}; peak memory {rss or 0:.0f} MB resident"
+                + (f", {cuda:.0f} MB CUDA" if cuda else ""))
             done = done + [k]
             commit(r, done)
-        downloads = server_step(uploads, downloads, tasks_of, n, expected, cfg, log)
+        downloads, accepted = server_step(uploads, downloads, tasks_of, n, expected, cfg, log)
+        private = settle_private(private, pending, accepted)
+        pending = [{} for _ in clients]
         sent = [u for u in uploads if u is not None]
         ru, rd = (sum(nbytes(u) for u in sent), sum(nbytes(d) for d in downloads)) if communicates else (0, 0)
         bytes_up, bytes_down = bytes_up + ru, bytes_down + rd
@@ -551,10 +635,13 @@ def run(cfg: Config, log=print):
         uploads, done, losses = [None] * K, [], []
         commit(r + 1, [])
 
-    rows, per_task, average = evaluate_all(bb, cts, downloads, private, stage, tasks, cfg)
+    # the connector of the last round trained, also when a resumed run has no round left to train
+    rows, per_task, average = evaluate_all(bb, cts, downloads, private, final_stage(cfg), tasks, cfg)
+    per_task_ce, average_ce = summarise_rows(rows, tasks, "test_ce", 4)
     history.append({"round": rounds, "per_task": per_task, "average": average})
     res = {"scenario": cfg.scenario, "seed": cfg.seed, "method": cfg.method, "backbone": cfg.backbone,
-           "clients": rows, "per_task": per_task, "average": average,
+           "clients": rows, "per_task": per_task, "average": average, "per_task_ce": per_task_ce,
+           "average_ce": average_ce,
            "bytes_up": bytes_up, "bytes_down": bytes_down, "wall_s": round(elapsed + time.time() - t0, 1),
            "rounds": history if cfg.eval_every_round else history[-1:],
            "trainable_params": trainable, "communicated_params": upload_params if communicates else 0,
@@ -599,12 +686,15 @@ def parse_args(argv=None):
     ap.add_argument("--rounds-stage1", type=int, default=d.rounds_stage1, help="rounds of stage 1 (R1)")
     ap.add_argument("--rounds-stage2", type=int, default=d.rounds_stage2, help="rounds of stage 2, CT-MoA (R2)")
     ap.add_argument("--local-epochs", type=int, default=d.local_epochs, help="local epochs per round (E)")
-    ap.add_argument("--top-m", type=int, default=d.top_m, help="ATA's number of nearest neighbours (M)")
+    ap.add_argument("--top-m", type=int, default=d.top_m, help="ATA's number of nearest neighbours M (default min(3, K - 1))")
     ap.add_argument("--backbone", default=d.backbone, help="'tiny' (embedded, cached) or a LLaVA checkpoint dir / HF id")
     ap.add_argument("--out", default=d.out, help="output dir (default runs/scenario-<S>-<method>-seed<seed>)")
     ap.add_argument("--device", default=d.device, choices=["cpu", "cuda"], help="where to train")
     ap.add_argument("--lr-stage1", type=float, default=d.lr_stage1, help="learning rate, stage 1")
     ap.add_argument("--lr-stage2", type=float, default=d.lr_stage2, help="learning rate, stage 2")
+    ap.add_argument("--lambda-d", type=float, default=d.lambda_d, help="λ0, weight of the difference loss L_d (stage 1)")
+    ap.add_argument("--lambda-b", type=float, default=d.lambda_b, help="λ1, weight of the load-balance loss L_b (stage 2)")
+    ap.add_argument("--lambda-z", type=float, default=d.lambda_z, help="λ2, weight of the router z-loss L_z (stage 2)")
     ap.add_argument("--batch-size", type=int, default=d.batch_size, help="local batch size")
     ap.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank (default 8 tiny, 64 real checkpoints)")
     ap.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA alpha (default 16 tiny, 128 real)")
@@ -615,7 +705,8 @@ def parse_args(argv=None):
     ap.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimiser step")
     ap.add_argument("--max-length", type=int, default=d.max_length, help="maximum tokens per sample")
     ap.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
-    ap.add_argument("--faults", default=d.faults, help='fault injection: "client=3:nan", "client=3:scale=100", "client=3:drop" (comma-separated)')
+    ap.add_argument("--faults", default=d.faults, help='fault injection: "client=3:nan", "client=3:scale=100", "client=3:drop" '
+                    '(comma-separated; "@2" after one: in round 2 only)')
     ap.add_argument("--norm-screen", type=float, default=d.norm_screen,
                     help="reject updates whose norm exceeds this multiple of the round's median (our addition; 0 = off)")
     ap.add_argument("--clients", default=None, help="comma-separated client indices to keep (quick runs)")
@@ -658,7 +749,7 @@ def check_config(cfg: Config):
     if cfg.data and not Path(cfg.data).is_file():
         raise ValueError(f"--data {cfg.data}: no such file")
     n_clients = federation_size(cfg)
-    if not 1 <= cfg.top_m < max(2, n_clients):
+    if cfg.top_m is not None and not 1 <= cfg.top_m < max(2, n_clients):
         raise ValueError(f"--top-m {cfg.top_m}: must be at least 1 and below the number of clients ({n_clients})")
     if cfg.out and not Path(cfg.out).resolve().parent.is_dir():
         raise ValueError(f"--out {cfg.out}: the parent directory {Path(cfg.out).resolve().parent} does not exist")
@@ -682,4 +773,5 @@ if __name__ == "__main__":
         else:
             run(cfg)
     except (checkpoint.CheckpointError, data.DataError) as e:
-        raise SystemExit(f"run.py: error: {e}")
+        print(f"run.py: error: {e}", file=sys.stderr)   # one line, exit 2, as for a bad command line
+        raise SystemExit(2)

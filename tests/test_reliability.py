@@ -55,7 +55,7 @@ def test_rejected_client_keeps_its_text_adapter_and_all_rejected_keeps_the_serve
 
 
 def _small_run(out, *extra):
-    return [sys.executable, "run.py", "--scenario", "A", "--clients", "0,2,4", "--n-train", "160", "--n-test", "4",
+    return [sys.executable, "run.py", "--scenario", "A", "--clients", "0,2,4", "--n-train", "160", "--n-test", "30",
             "--rounds-stage1", "1", "--rounds-stage2", "1", "--top-m", "1", "--out", str(out), *extra]
 
 
@@ -63,39 +63,97 @@ def _env(cache):
     return dict(os.environ, PILOT_CACHE=str(cache))
 
 
-def test_kill_and_resume_ends_exactly_like_an_uninterrupted_run(small_backbone_dir, tmp_path):
-    cache = small_backbone_dir.parent
-    bb = ["--backbone", str(small_backbone_dir)]
-    ref = subprocess.run(_small_run(tmp_path / "ref", *bb), cwd=ROOT, env=_env(cache), capture_output=True, timeout=600)
+@pytest.fixture(scope="module")
+def uninterrupted(small_backbone_dir, tmp_path_factory):
+    """The reference: the small run from start to end, its output captured (not a terminal)."""
+    out = tmp_path_factory.mktemp("ref") / "out"
+    ref = subprocess.run(_small_run(out, "--backbone", str(small_backbone_dir)), cwd=ROOT,
+                         env=_env(small_backbone_dir.parent), capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-2000:]
-    out = tmp_path / "killed"
-    proc = subprocess.Popen(_small_run(out, *bb), cwd=ROOT, env=_env(cache), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    killed_at = None
+    return out, ref
+
+
+def test_logs_have_one_line_per_client_per_round_and_no_progress_bars(uninterrupted):
+    _, ref = uninterrupted
+    text = ref.stdout + ref.stderr
+    assert "\r" not in text and len(text) < 20_000
+    for r in (1, 2):
+        for k, task in enumerate(("caption", "vqa", "grounding")):
+            assert sum(f"client {k} ({task}) round {r}: 20 steps, loss " in line for line in text.splitlines()) == 1
+
+
+def _kill_when(cmd, env, out, condition):
+    """Start cmd, SIGKILL it as soon as condition(progress) holds; returns that progress or None."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         try:
             p = json.loads((out / "state.json").read_text())["progress"]
         except (OSError, ValueError, KeyError):
             p = None
-        if p and p["round"] == 1 and len(p["done"]) == 1:      # mid-round, in stage 2
+        if p and condition(p):
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            killed_at = p
-            break
-        time.sleep(0.02)
-    assert killed_at is not None, "the run ended before it could be killed mid-round"
+            return p
+        time.sleep(0.01)
+    proc.kill()
+    return None
+
+
+@pytest.mark.parametrize("where, condition", [
+    ("mid-round, in stage 2", lambda p: p["round"] == 1 and len(p["done"]) == 1),
+    # the last aggregation is committed: what is left is the final evaluation (with stage 2's connector)
+    ("during the final evaluation", lambda p: p["round"] == 2 and not p["done"]),
+])
+def test_kill_and_resume_ends_exactly_like_an_uninterrupted_run(small_backbone_dir, tmp_path, uninterrupted,
+                                                                 where, condition):
+    ref_out, _ = uninterrupted
+    cache = small_backbone_dir.parent
+    bb = ["--backbone", str(small_backbone_dir)]
+    out = tmp_path / "killed"
+    killed_at = _kill_when(_small_run(out, *bb), _env(cache), out, condition)
+    assert killed_at is not None, f"the run ended before it could be killed {where}"
     assert not (out / "results.json").exists()
     res = subprocess.run(_small_run(out, *bb, "--resume"), cwd=ROOT, env=_env(cache), capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resumed from" in res.stdout
-    a, b = (json.loads((d / "results.json").read_text()) for d in (tmp_path / "ref", out))
-    assert [c["score"] for c in a["clients"]] == [c["score"] for c in b["clients"]]
+    a, b = (json.loads((d / "results.json").read_text()) for d in (ref_out, out))
+    # scores, test losses (which tell the stage-1 connector from the stage-2 one) and predictions
+    assert a["clients"] == b["clients"]
     assert a["bytes_up"] == b["bytes_up"] and a["bytes_down"] == b["bytes_down"]
     for k in (0, 2, 4):
-        ta, tb = (load_file(str(d / f"client_{k}.safetensors")) for d in (tmp_path / "ref", out))
+        ta, tb = (load_file(str(d / f"client_{k}.safetensors")) for d in (ref_out, out))
         assert ta.keys() == tb.keys() and all(torch.equal(ta[key], tb[key]) for key in ta)
+
+
+def test_a_rejected_round_rolls_the_clients_private_state_back(small_backbone_dir, tmp_path):
+    """Client 1's upload in round 2 has a NaN and is rejected; the private state (ψ_s) that round
+    trained is discarded, so round 3 trains from the state of round 1. That is exactly what a client
+    that missed round 2 (crashed, nothing to roll back) does: the two runs must end identically."""
+    base = dict(clients=[0, 2, 3], n_train=8, n_test=3, batch_size=4, rounds_stage1=2, rounds_stage2=1, top_m=1,
+                backbone=str(small_backbone_dir))
+    logs = {}
+    res = {}
+    for fault in ("nan", "drop"):
+        logs[fault] = []
+        res[fault] = run.run(run.Config(**base, faults=f"client=1:{fault}@2", out=str(tmp_path / fault)),
+                             log=logs[fault].append)
+    assert any("rejected the upload of client 1: " in line and "non-finite" in line for line in logs["nan"])
+    # round 3 of the NaN run is healthy: trained, finite, accepted
+    line = next(line for line in logs["nan"] if line.strip().startswith("client 1 (vqa) round 3:"))
+    assert "steps, loss" in line and "nan" not in line
+    assert sum(line.strip().startswith("rejected") for line in logs["nan"]) == 1
+    assert res["nan"]["clients"] == res["drop"]["clients"]
+    for k in (0, 2, 3):
+        a, b = (load_file(str(tmp_path / f / f"client_{k}.safetensors")) for f in ("nan", "drop"))
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a), k
+    # and the rollback is what made them equal: round 2's training did change client 1's ψ_s
+    trained = run.run(run.Config(**base, out=str(tmp_path / "clean")), log=lambda *a: None)
+    clean = load_file(str(tmp_path / "clean" / "client_2.safetensors"))
+    mine = load_file(str(tmp_path / "nan" / "client_2.safetensors"))
+    assert not torch.equal(clean["private.client_adapter.linear_2.weight"], mine["private.client_adapter.linear_2.weight"])
+    assert trained["clients"][1]["id"] == 2
 
 
 def test_resume_refuses_other_settings_and_corrupted_checkpoints(small_backbone_dir, tmp_path):
@@ -133,7 +191,7 @@ def test_peak_memory_does_not_grow_with_the_clients_trained(small_backbone_dir, 
     cfg = run.Config(n_train=16, n_test=2, batch_size=8, rounds_stage1=1, rounds_stage2=0,
                      backbone=str(small_backbone_dir), out=str(tmp_path / "mem"))
     run.run(cfg, log=logs.append)
-    peaks = [float(line.split("peak memory ")[1].split(" MB")[0]) for line in logs if "done: peak memory" in line]
+    peaks = [float(line.split("peak memory ")[1].split(" MB")[0]) for line in logs if "; peak memory " in line]
     assert len(peaks) == 6 and peaks[-1] <= 1.10 * peaks[0], peaks
 
 

@@ -174,12 +174,12 @@ class Backbone:
 
     def pixels(self, images):
         """Images through the backbone's own image processor: float tensors [3, S, S] in [0, 1]
-        (synthetic) or image file paths (real data, read with Pillow)."""
+        (synthetic), or RGB PIL images or image file paths (real data, read with Pillow)."""
         if all(isinstance(im, torch.Tensor) for im in images):
             out = self.image_processor(images=list(images), return_tensors="pt", do_rescale=False)
         else:
-            from PIL import Image
-            out = self.image_processor(images=[Image.open(im).convert("RGB") for im in images], return_tensors="pt")
+            out = self.image_processor(images=[data.open_image(im) if isinstance(im, (str, Path)) else im
+                                               for im in images], return_tensors="pt")
         return out["pixel_values"]
 
     def encode(self, sample, max_length=None):

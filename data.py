@@ -442,17 +442,31 @@ def _read_json(path):
         raise DataError(f"{path}: not valid JSON ({e})") from None
 
 
-def load_llava_records(path, image_folder, task):
+def open_image(path, where=""):
+    """An image file as an RGB PIL image (greyscale, RGBA and palette images are converted), decoded
+    now, so that a truncated or unreadable file is a DataError naming it rather than a traceback."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:   # PIL.UnidentifiedImageError is an OSError
+        raise DataError(f"{where}{': ' if where else ''}image {path} cannot be read "
+                        f"({type(e).__name__}: {e})") from None
+
+
+def load_llava_records(path, image_folder, task, client=None):
     """Samples from a LLaVA instruction file: a JSON list of {"id", "image", "conversations":
     [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}.
     A multi-turn record becomes one sample per (human, gpt) pair, each with the record's image. An
-    optional "answers" list (VQAv2's ten human answers) is used by the VQA metric of a 1-turn record."""
+    optional "answers" list (VQAv2's ten human answers) is used by the VQA metric of a 1-turn record.
+    client: the manifest's client id, named in error messages."""
     records = _read_json(path)
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     out = []
     for i, r in enumerate(records):
-        where = f"{path}, record {i}" + (f" (id {r.get('id')!r})" if isinstance(r, dict) and "id" in r else "")
+        where = (f"{path}, " + (f"client {client!r}, " if client is not None else "") + f"record {i}"
+                 + (f" (id {r.get('id')!r})" if isinstance(r, dict) and "id" in r else ""))
         if not isinstance(r, dict) or "image" not in r or "conversations" not in r:
             raise DataError(f"{where}: a record needs 'image' and 'conversations'")
         image = Path(image_folder) / r["image"]
@@ -467,6 +481,8 @@ def load_llava_records(path, image_folder, task):
             raise DataError(f"{where}: the first human turn has no '<image>' placeholder")
         extra = {"answers": list(r["answers"])} if isinstance(r.get("answers"), list) and len(humans) == 1 else {}
         for j, (h, g) in enumerate(zip(humans, gpts)):
+            if not isinstance(g.get("value"), str) or not g["value"].strip():
+                raise DataError(f"{where}: answer turn {j} (the 'gpt' turn after human turn {j}) is empty")
             q = h["value"].replace("<image>", "").strip()
             out.append(Sample(str(image), q, g["value"].strip(), task, id=f"{r.get('id', i)}#{j}", extra=dict(extra)))
     if not out:
@@ -494,8 +510,8 @@ def load_manifest(path, keep=None):
         if keep is not None and k not in keep:
             continue
         folder = root / c["image_folder"]
-        clients.append(ClientData(k, c["task"], load_llava_records(root / c["train"], folder, c["task"]),
-                                  load_llava_records(root / c["test"], folder, c["task"]), name=str(cid)))
+        clients.append(ClientData(k, c["task"], load_llava_records(root / c["train"], folder, c["task"], cid),
+                                  load_llava_records(root / c["test"], folder, c["task"], cid), name=str(cid)))
     return m.get("name", Path(path).stem), clients
 
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import backbone
 import data
@@ -80,7 +81,7 @@ def _rec(image="a.png", human="<image>\nwhat colour?", gpt="red", id_="r1"):
 
 @pytest.mark.parametrize("records, task, message", [
     ("[{not json", "vqa", "train.json: not valid JSON"),
-    ([_rec(image="missing.png")], "vqa", "train.json, record 0 (id 'r1'): image file"),
+    ([_rec(image="missing.png")], "vqa", "train.json, client 'c0', record 0 (id 'r1'): image file"),
     ([_rec(), _rec(human="what colour?", id_="r2")], "vqa", "record 1 (id 'r2'): the first human turn has no '<image>'"),
     ([_rec(gpt=None)], "vqa", "record 0 (id 'r1'): the conversation has no 'gpt' turn"),
     ([_rec()], "counting", "client 'c0': unknown task 'counting'"),
@@ -169,3 +170,62 @@ def test_manifest_reads_only_the_kept_clients_files(tmp_path):
     assert [c.id for c in kept] == [0] and [s.answer for s in kept[0].train] == [s.answer for s in both[0].train]
     with pytest.raises(data.DataError, match=str(missing.name)):
         data.load_manifest(manifest)
+
+
+def test_an_empty_answer_is_a_data_error(tmp_path):
+    with pytest.raises(data.DataError, match=r"train.json, client 'c0', record 0 \(id 'r1'\): answer turn 0 .* is empty"):
+        data.load_manifest(_write(tmp_path, [_rec(gpt="  ")]))
+
+
+def _prepare_all(manifest, hf_checkpoint):
+    import run
+    bb = backbone.load_backbone(str(hf_checkpoint))
+    return [run.prepare_client(bb, c, "cpu") for c in data.load_manifest(manifest)[1]]
+
+
+def test_a_broken_image_is_a_data_error_naming_client_record_and_file(tmp_path, hf_checkpoint):
+    manifest = _write(tmp_path, [_rec(), _rec(image="b.png", id_="r2")])
+    from PIL import Image
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(tmp_path / "images" / "b.png")
+    png = (tmp_path / "images" / "b.png").read_bytes()
+    (tmp_path / "images" / "b.png").write_bytes(png[:40])           # truncated to 40 bytes
+    with pytest.raises(data.DataError, match=r"client c0, record r2#0: image .*b\.png cannot be read"):
+        _prepare_all(manifest, hf_checkpoint)
+    # run.py: one line on stderr, exit 2, before any training
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "run.py", "--backbone", str(hf_checkpoint), "--data", str(manifest),
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "record r2#0: image" in p.stderr and "b.png cannot be read" in p.stderr
+    assert not (out / "state.json").exists()
+
+
+def test_greyscale_rgba_and_large_images_are_read(tmp_path, hf_checkpoint):
+    from PIL import Image
+    manifest = _write(tmp_path, [_rec(image=f"{m}.png", id_=m) for m in ("L", "RGBA", "big")])
+    Image.new("L", (20, 30), 128).save(tmp_path / "images" / "L.png")
+    Image.new("RGBA", (16, 16), (10, 200, 10, 90)).save(tmp_path / "images" / "RGBA.png")
+    Image.new("RGB", (3000, 2000), (0, 0, 255)).save(tmp_path / "images" / "big.png")
+    ct, = _prepare_all(manifest, hf_checkpoint)
+    assert ct.h_train.shape[0] == 3 and torch.isfinite(ct.h_train).all()
+
+
+def test_default_top_m_fits_a_three_client_manifest(tmp_path):
+    import run
+    manifest = data.export_scenario(tmp_path, "A", 0, limit_clients=[0, 2, 4], n_train=1, n_test=1)
+    cfg, _, _ = run.parse_args(["--data", str(manifest)])
+    assert cfg.top_m is None
+    logs = []
+    assert run.with_defaults(cfg, logs.append).top_m == 2 and "M = min(3, K - 1) = 2" in logs[0]
+    assert run.with_defaults(run.Config(), logs.append).top_m == 3          # Scenario A's 6 clients
+    with pytest.raises(SystemExit):
+        run.parse_args(["--data", str(manifest), "--top-m", "3"])          # explicit and too large: an error
+
+
+def test_loss_weights_are_settings_recorded_and_checked_on_resume():
+    import run
+    cfg, _, _ = run.parse_args(["--lambda-d", "0.5", "--lambda-b", "0.2", "--lambda-z", "0"])
+    assert (cfg.lambda_d, cfg.lambda_b, cfg.lambda_z) == (0.5, 0.2, 0.0)
+    assert run.parse_args([])[0].lambda_d == 0.1 and run.parse_args([])[0].lambda_z == 0.01
+    assert {"lambda_d", "lambda_b", "lambda_z"} <= set(run.RESUME_KEYS)
+    assert run.loss_weights(cfg) == {"lambda_d": 0.5, "lambda_b": 0.2, "lambda_z": 0.0}

@@ -84,6 +84,13 @@ def pairwise_distances(states, chunk=1 << 16):
     return d2.sqrt()
 
 
+def nearest(d, top_m):
+    """N_M(k) for every k: the M clients j ≠ k with the smallest d_kj, ties by client index."""
+    K = d.shape[0]
+    return [sorted((j for j in range(K) if j != k), key=lambda j: (float(d[k, j]), j))[:min(top_m, K - 1)]
+            for k in range(K)]
+
+
 def ata_matrix(d, n, top_m):
     """ATA's mixing matrix. [reading] PILOT_METHOD.md, "Server aggregation":
         Θ̄_k = λ_k Θ_k + (1 − λ_k) Σ_{j∈N_M(k)} w_kj Θ_j
@@ -92,11 +99,8 @@ def ata_matrix(d, n, top_m):
     A neighbour at distance 0 is the limit of inverse-distance weighting: the weight goes, in equal
     parts, to the neighbours at distance 0 (no division by zero)."""
     K = len(n)
-    m = min(top_m, K - 1)
     A = torch.zeros(K, K, dtype=torch.float64)
-    for k in range(K):
-        others = sorted((j for j in range(K) if j != k), key=lambda j: (float(d[k, j]), j))
-        nb = others[:m]
+    for k, nb in enumerate(nearest(d, top_m)):
         if not nb:
             A[k, k] = 1.0
             continue
@@ -110,10 +114,11 @@ def ata_matrix(d, n, top_m):
 
 
 def adaptive_text(text_adapters, n, top_m=3, inplace=False):
-    """ATA: each client's personalised Θ̄^l_k (a list, in client order) and the matrix used.
-    inplace: see mix (the uploads become the downloads)."""
-    A = ata_matrix(pairwise_distances(text_adapters), n, top_m)
-    return mix(text_adapters, A, inplace), A
+    """ATA: each client's personalised Θ̄^l_k (a list, in client order), the matrix used and each
+    client's neighbours N_M(k). inplace: see mix (the uploads become the downloads)."""
+    d = pairwise_distances(text_adapters)
+    A = ata_matrix(d, n, top_m)
+    return mix(text_adapters, A, inplace), A, nearest(d, top_m)
 
 
 # ----------------------------------------------------------------------------- checking uploads

@@ -143,9 +143,11 @@ def pretrain(bb, log=print):
     return {"steps": steps, "loss_first": losses[0], "loss_last20": sum(losses[-20:]) / 20}
 
 
-def cosine_schedule(opt, total_steps, warmup_steps):
-    """Linear warm-up, then cosine decay to zero (the paper's schedule)."""
+def cosine_schedule(opt, total_steps, warmup_steps, offset=0):
+    """Linear warm-up, then cosine decay to zero (the paper's schedule). offset: the steps already
+    taken, so that a schedule over a whole federated run continues across rounds."""
     def f(step):
+        step += offset
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))))

@@ -36,14 +36,26 @@ import data
 import pilot
 
 # ----------------------------------------------------------------------------- defaults, in one place
+# The schedules behind Config's None fields. "tiny": the embedded benchmark, in the federated-learning
+# convention (PILOT_METHOD.md, Schedule): every client takes the same number of steps per round, many
+# short rounds, one learning-rate schedule over the whole run. "real": the paper's (R = 1 + 3 rounds
+# of whole local epochs, LoRA r 64, alpha 128) for LLaVA checkpoints.
+PRESETS = {
+    "tiny": dict(rounds_stage1=4, rounds_stage2=16, local_steps=10, lora_r=8, lora_alpha=16.0),
+    "real": dict(rounds_stage1=1, rounds_stage2=3, local_steps=0, lora_r=64, lora_alpha=128.0),
+}
+
+
 @dataclass
 class Config:
     scenario: str = "A"
     method: str = "pilot"
     seed: int = 0
-    rounds_stage1: int = 1      # R1 [reading]: stage 1 for the first R1 rounds
-    rounds_stage2: int = 3      # R2: stage 2 (CT-MoA) for the next R2 rounds
-    local_epochs: int = 1       # E
+    # None: the backbone's preset (PRESETS above: the embedded benchmark's schedule, or the paper's)
+    rounds_stage1: int = None   # R1 [reading]: stage 1 for the first R1 rounds
+    rounds_stage2: int = None   # R2: stage 2 (CT-MoA) for the next R2 rounds
+    local_steps: int = None     # optimiser steps per client per round; 0: E whole epochs instead
+    local_epochs: int = 1       # E, when local_steps is 0
     top_m: int = None           # M nearest neighbours in ATA; None: min(3, K − 1) for K clients
     backbone: str = "tiny"
     out: str = ""
@@ -55,9 +67,10 @@ class Config:
     lambda_b: float = pilot.LAMBDA_B   # λ1, load balance L_b (stage 2)
     lambda_z: float = pilot.LAMBDA_Z   # λ2, router z-loss L_z (stage 2)
     batch_size: int = 8
-    warmup_ratio: float = 0.03
-    lora_r: int = None          # None: 8 for the tiny backbone, 64 for real checkpoints (the paper's)
-    lora_alpha: float = None    # None: 16 for tiny, 128 for real checkpoints
+    warmup_ratio: float = 0.03  # of each client's steps over the whole run (one cosine schedule, not one per round)
+    grad_clip: float = 1.0      # clip the gradient norm of each step to this; 0: off
+    lora_r: int = None          # None: the preset's (8 tiny, 64 real checkpoints, the paper's)
+    lora_alpha: float = None    # None: the preset's (16 tiny, 128 real)
     lora_targets: str = ",".join(pilot.LORA_TARGETS)
     dtype: str = "fp32"         # frozen weights' dtype: fp32 or bf16 (trainable tensors stay fp32)
     grad_ckpt: bool = False     # gradient checkpointing in the LLM
@@ -76,6 +89,11 @@ class Config:
     n_train: int = None
     n_test: int = None
 
+    def __post_init__(self):   # None: the backbone's preset
+        for key, value in PRESETS["tiny" if self.backbone == "tiny" else "real"].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+
 
 MAX_NEW_TOKENS = {"caption": 24, "vqa": 4, "grounding": 26, "ocr": 6}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -91,10 +109,17 @@ class Method:
     text_agg: str = "ata"           # Θ^l: "ata", "fedavg" or "none" (no communication)
     visual_agg: str = "task"        # connector: "task" (per task), "all" (FedAvg over clients) or "none"
     prox: bool = False              # FedProx's proximal term (μ/2)||θ − θ_round_start||² (μ = --mu)
+    pooled: bool = False            # one model trained on the union of all clients' training data
+
+
+# Local and Centralized are the bounds every table shows: no collaboration, and pooling all the data
+# (one LoRA + plain MLP connector, the federation's total number of steps, scored on each client's
+# own test set; PILOT_METHOD.md, "Baselines and ablations").
 
 
 METHODS = {
     "local": Method(connector="mlp", text_agg="none", visual_agg="none"),
+    "centralized": Method(connector="mlp", text_agg="none", visual_agg="none", pooled=True),
     "fedavg": Method(connector="mlp", text_agg="fedavg", visual_agg="all"),
     "fedprox": Method(connector="mlp", text_agg="fedavg", visual_agg="all", prox=True),
     "pilot": Method(),
@@ -163,6 +188,20 @@ def build_connector(bb, stage, tasks, own_task, download, private, seed, method=
                              **{k: v for k, v in w.items() if k in ("lambda_b", "lambda_z")})
 
 
+def steps_per_round(cfg: Config, n):
+    """Optimiser steps a client with n training samples takes per round: --local-steps, or E whole
+    epochs of batch_size x grad_accum samples per step when --local-steps is 0."""
+    if cfg.local_steps:
+        return cfg.local_steps
+    return cfg.local_epochs * math.ceil(math.ceil(n / cfg.batch_size) / cfg.grad_accum)
+
+
+def batch_stream(n, size, g):
+    """Index batches without replacement, reshuffled at every pass over the n samples."""
+    while True:
+        yield from torch.randperm(n, generator=g).split(size)
+
+
 def load_text_adapter(model, download):
     """Copy the downloaded Θ^l into the LLM's LoRA parameters."""
     live = pilot.lora_state(model)
@@ -189,32 +228,34 @@ def client_round(bb, ct: ClientTensors, download, private, stage, tasks, cfg: Co
     lr = cfg.lr_stage1 if stage == 1 else cfg.lr_stage2
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     n = len(ct.items_train)
-    micro = cfg.batch_size   # per forward pass; an optimiser step sees batch_size x grad_accum samples
-    steps = cfg.local_epochs * math.ceil(math.ceil(n / micro) / cfg.grad_accum)
-    sched = bbmod.cosine_schedule(opt, steps, max(1, round(cfg.warmup_ratio * steps)))
+    steps = steps_per_round(cfg, n)
+    # one cosine schedule over the client's steps of the whole run, continued from round to round
+    total = steps * (cfg.rounds_stage1 + cfg.rounds_stage2)
+    sched = bbmod.cosine_schedule(opt, total, max(1, round(cfg.warmup_ratio * total)), offset=round_idx * steps)
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + round_idx * 1009 + ct.id)
+    batches = batch_stream(n, cfg.batch_size, g)   # batch_size per forward pass, grad_accum of them per step
     bar = tqdm(total=steps, desc=f"  client {ct.id} ({ct.task}, stage {stage})", leave=False, disable=not log_bar)
     losses = []
     model.train()
-    for _ in range(cfg.local_epochs):
-        batches = torch.randperm(n, generator=g).split(micro)
-        for b0 in range(0, len(batches), cfg.grad_accum):
-            group = batches[b0:b0 + cfg.grad_accum]   # one optimiser step over grad_accum micro-batches
-            opt.zero_grad(set_to_none=True)
-            for idx in group:
-                ids, mask, labels = bbmod.collate([ct.items_train[i] for i in idx], bb.tokenizer.pad_token_id)
-                # the connector runs in fp32 (its tensors are trainable); embed() casts to the LLM's dtype
-                x_img, aux = conn(ct.h_train[idx].float())
-                ce = pilot.lm_loss(model, x_img, ids.to(device), mask.to(device), labels.to(device))
-                loss = ce + aux
-                if anchor is not None:  # FedProx: stay near the round's starting point
-                    loss = loss + cfg.mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(params, anchor))
-                (loss / len(group)).backward()
-            opt.step()
-            sched.step()
-            losses.append(ce.item())
-            bar.update()
-            bar.set_postfix(ce=f"{ce.item():.3f}", aux=f"{aux.item():.3f}")
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        for _ in range(cfg.grad_accum):
+            idx = next(batches)
+            ids, mask, labels = bbmod.collate([ct.items_train[i] for i in idx], bb.tokenizer.pad_token_id)
+            # the connector runs in fp32 (its tensors are trainable); embed() casts to the LLM's dtype
+            x_img, aux = conn(ct.h_train[idx].float())
+            ce = pilot.lm_loss(model, x_img, ids.to(device), mask.to(device), labels.to(device))
+            loss = ce + aux
+            if anchor is not None:  # FedProx: stay near the round's starting point
+                loss = loss + cfg.mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(params, anchor))
+            (loss / cfg.grad_accum).backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(ce.item())
+        bar.update()
+        bar.set_postfix(ce=f"{ce.item():.3f}", aux=f"{aux.item():.3f}")
     bar.close()
     model.eval().requires_grad_(False)
     up_conn, new_private = pilot.split_connector_state(conn)
@@ -257,14 +298,15 @@ def evaluate_client(bb, ct: ClientTensors, download, private, stage, tasks, cfg:
 
 
 # ----------------------------------------------------------------------------- server side
-def server_round(uploads, tasks, n, top_m, method=METHODS["pilot"], previous=None, consume=False):
+def server_round(uploads, tasks, n, top_m, method=METHODS["pilot"], previous=None, consume=False, report=None):
     """Aggregate one round's uploads (client order) into each client's download. Pilot: all T
     global task adapters ψ^t_τ (task-aware visual aggregation) and the client's own Θ̄^l_k (ATA).
     FedAvg: the one sample-weighted average of both. Local ("none"): the client's own upload back.
     An upload that is None (rejected, or the client failed) takes no part: that client keeps its
     previous Θ^l (and receives the new global adapters), a task with no upload keeps its previous
     global task adapter, and a round with no usable upload changes nothing. consume=True lets ATA
-    write the downloads into the uploads' own Θ^l tensors (each upload must have its own)."""
+    write the downloads into the uploads' own Θ^l tensors (each upload must have its own).
+    report: a dict that receives ATA's neighbours N_M(k) by client index (what ATA did)."""
     ok = [k for k, u in enumerate(uploads) if u is not None]
     if not ok:                                   # nothing usable: the server state stays as it was
         return list(previous)
@@ -273,7 +315,9 @@ def server_round(uploads, tasks, n, top_m, method=METHODS["pilot"], previous=Non
     adapters = [pilot.sub_state(u, "task_adapter.") for u in ups]
     text = [{k: v for k, v in u.items() if k.startswith("lora.")} for u in ups]
     if method.text_agg == "ata":
-        text, _ = aggregate.adaptive_text(text, nk, top_m, inplace=consume)
+        text, _, nb = aggregate.adaptive_text(text, nk, top_m, inplace=consume)
+        if report is not None:
+            report["neighbours"] = {ok[i]: [ok[j] for j in row] for i, row in enumerate(nb)}
     elif method.text_agg == "fedavg":
         text = [aggregate.fedavg(text, nk)] * K
     prefixed = lambda task, sd: {f"global_task_adapter.{task}.{k}": v for k, v in sd.items()}
@@ -379,12 +423,10 @@ def nbytes(state):
 def load_model(cfg: Config, log=print):
     """The frozen backbone with Θ^l installed at its initial value; returns (bb, Θ^l_0, expected),
     expected being what the server accepts from a client: {key: (shape, dtype)}."""
-    tiny = cfg.backbone == "tiny"
-    lora_r, alpha = cfg.lora_r or (8 if tiny else 64), cfg.lora_alpha or (16.0 if tiny else 128.0)
     bb = bbmod.load_backbone(cfg.backbone, device=cfg.device, dtype=DTYPES[cfg.dtype], log=log)
     # Θ^l's initial value is the server's: one seed, the same for every client, so that ATA's
     # distances measure what local training changed, not initialisation noise.
-    pilot.install_lora(bb.model.model.language_model, lora_r, alpha, targets=tuple(cfg.lora_targets.split(",")), seed=cfg.seed)
+    pilot.install_lora(bb.model.model.language_model, cfg.lora_r, cfg.lora_alpha, targets=tuple(cfg.lora_targets.split(",")), seed=cfg.seed)
     bb.model.to(cfg.device)
     if cfg.grad_ckpt:
         bb.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -443,7 +485,7 @@ def client_step(bb, ct, download, private, stage, tasks, cfg: Config, round_idx,
     return apply_fault(fault, up, download, ct.task), private, stats
 
 
-def server_step(uploads, downloads, tasks_of, n, expected, cfg: Config, log=print):
+def server_step(uploads, downloads, tasks_of, n, expected, cfg: Config, log=print, report=None):
     """What the server does in a round: check the uploads (screen_uploads), then aggregate them
     (server_round) into each client's next download. uploads[k] is None for a client that failed.
     Returns (downloads, accepted): accepted[k] tells client k whether its upload was used, so that
@@ -454,7 +496,32 @@ def server_step(uploads, downloads, tasks_of, n, expected, cfg: Config, log=prin
     accepted = [u is not None for u in screened]
     # consume: the uploads' Θ^l tensors (each client's own, received by the server) become the
     # downloads, so the server holds K text adapters once, not twice
-    return server_round(screened, tasks_of, n, cfg.top_m, method, previous=downloads, consume=True), accepted
+    return server_round(screened, tasks_of, n, cfg.top_m, method, previous=downloads, consume=True,
+                        report=report), accepted
+
+
+def ata_record(neighbours, tasks_of):
+    """What ATA did in a round, for results.json: each client's N_M(k) and the fraction of it that
+    holds the client's own task."""
+    share = {k: sum(tasks_of[j] == tasks_of[k] for j in nb) / max(1, len(nb)) for k, nb in neighbours.items()}
+    return {"neighbours": {str(k): nb for k, nb in neighbours.items()},
+            "same_task": {str(k): round(v, 4) for k, v in share.items()},
+            "same_task_mean": round(sum(share.values()) / max(1, len(share)), 4)}
+
+
+def pooled_client(cts, cfg: Config):
+    """Centralized: one client holding the union of every client's training data, with the
+    federation's total number of steps per round (K x --local-steps; with whole epochs, an epoch
+    of the union). Its task is "all"; it is evaluated on each client's own test set."""
+    return (ClientTensors(-1, "all", torch.cat([ct.h_train for ct in cts]), [i for ct in cts for i in ct.items_train],
+                          cts[0].h_test[:0], [], []),
+            replace(cfg, local_steps=cfg.local_steps * len(cts)))
+
+
+def as_download_of(task, pooled_download):
+    """The pooled model's download as a client of `task` reads it (its one adapter under that task)."""
+    return {(f"global_task_adapter.{task}." + k.split(".", 2)[2] if k.startswith("global_task_adapter.") else k): v
+            for k, v in pooled_download.items()}
 
 
 # ----------------------------------------------------------------------------- the simulation
@@ -508,10 +575,10 @@ def write_results(out: Path, res, log=print):
     log("\n" + table + f"\n\nwrote {out}/results.json, results.md, client_*.safetensors")
 
 
-RESUME_KEYS = ("scenario", "method", "backbone", "seed", "rounds_stage1", "rounds_stage2", "local_epochs", "top_m",
+RESUME_KEYS = ("scenario", "method", "backbone", "seed", "rounds_stage1", "rounds_stage2", "local_steps", "local_epochs", "top_m",
                "lr_stage1", "lr_stage2", "batch_size", "lora_r", "lora_alpha", "lora_targets", "dtype", "grad_accum",
                "clients", "n_train", "n_test", "data", "mu", "faults", "norm_screen", "max_length",
-               "lambda_d", "lambda_b", "lambda_z")
+               "lambda_d", "lambda_b", "lambda_z", "grad_clip", "warmup_ratio")
 
 
 def reset_peak_memory(device):
@@ -574,7 +641,19 @@ def run(cfg: Config, log=print):
 
     communicates = method.text_agg != "none"   # Local sends and receives nothing
     rounds = cfg.rounds_stage1 + cfg.rounds_stage2
-    K = len(clients)
+    # who trains: every client, or (centralized) one client holding the union of their data
+    trainers, train_cfg, train_tasks, train_tasks_of, train_n = cts, cfg, tasks, tasks_of, n
+    if method.pooled:
+        pooled, train_cfg = pooled_client(cts, cfg)
+        trainers, train_tasks, train_tasks_of, train_n = [pooled], ["all"], ["all"], [sum(n)]
+
+    def for_eval(downloads, private):
+        """Each client's download and private state as it is evaluated (centralized: the one model)."""
+        if not method.pooled:
+            return downloads, private
+        return [as_download_of(ct.task, downloads[0]) for ct in cts], [private[0]] * len(cts)
+
+    K = len(trainers)
     if saved:
         meta, groups = saved
         downloads, private = groups["downloads"], [p or {} for p in groups["private"]]
@@ -582,31 +661,31 @@ def run(cfg: Config, log=print):
         p = meta["progress"]
         r0, done, bytes_up, bytes_down = p["round"], p["done"], p["bytes_up"], p["bytes_down"]
         history, trainable, upload_params, losses = p["history"], p["trainable"], p["upload_params"], p["losses"]
-        elapsed = p["elapsed"]
+        elapsed, ata_log = p["elapsed"], p.get("ata", [])
         log(f"resumed from {out}/state.json: round {r0 + 1}, clients done in it {done}")
     else:
-        downloads = [dict(theta0) for _ in clients]
-        private = [{} for _ in clients]
-        pending = [{} for _ in clients]    # this round's private states, kept only if the upload is accepted
+        downloads = [dict(theta0) for _ in trainers]
+        private = [{} for _ in trainers]
+        pending = [{} for _ in trainers]   # this round's private states, kept only if the upload is accepted
         uploads, r0, done, losses = [None] * K, 0, [], []
         bytes_up, bytes_down = 0, sum(nbytes(d) for d in downloads) if communicates else 0
-        history, trainable, upload_params, elapsed = [], 0, 0, 0.0
+        history, trainable, upload_params, elapsed, ata_log = [], 0, 0, 0.0, []
 
     def commit(r, done):
         progress = {"round": r, "done": done, "bytes_up": bytes_up, "bytes_down": bytes_down, "history": history,
                     "trainable": trainable, "upload_params": upload_params, "losses": losses,
-                    "elapsed": elapsed + time.time() - t0}
+                    "elapsed": elapsed + time.time() - t0, "ata": ata_log}
         checkpoint.save(out, {"config": asdict(cfg), "progress": progress},
                         {"downloads": downloads, "private": private, "uploads": uploads, "pending": pending})
 
     for r in range(r0, rounds):
         stage = stage_of(cfg, r)
         tr = time.time()
-        for k, ct in enumerate(cts):
+        for k, ct in enumerate(trainers):
             if k in done:
                 continue
             reset_peak_memory(cfg.device)
-            up, pending[k], st = client_step(bb, ct, downloads[k], private[k], stage, tasks, cfg, r,
+            up, pending[k], st = client_step(bb, ct, downloads[k], private[k], stage, train_tasks, train_cfg, r,
                                              fault_for(faults, k, r))
             if st:
                 losses.append(st["loss_last"])
@@ -619,16 +698,20 @@ def run(cfg: Config, log=print):
                 + (f", {cuda:.0f} MB CUDA" if cuda else ""))
             done = done + [k]
             commit(r, done)
-        downloads, accepted = server_step(uploads, downloads, tasks_of, n, expected, cfg, log)
+        report = {}
+        downloads, accepted = server_step(uploads, downloads, train_tasks_of, train_n, expected, cfg, log, report)
         private = settle_private(private, pending, accepted)
-        pending = [{} for _ in clients]
+        pending = [{} for _ in trainers]
         sent = [u for u in uploads if u is not None]
         ru, rd = (sum(nbytes(u) for u in sent), sum(nbytes(d) for d in downloads)) if communicates else (0, 0)
         bytes_up, bytes_down = bytes_up + ru, bytes_down + rd
         line = (f"round {r + 1}/{rounds} (stage {stage}): mean last loss {sum(losses) / max(1, len(losses)):.3f}, "
                 f"up {ru / 1e6:.2f} MB, down {rd / 1e6:.2f} MB, {time.time() - tr:.1f} s")
+        if "neighbours" in report:
+            ata_log.append({"round": r + 1, **ata_record(report["neighbours"], train_tasks_of)})
+            line += f", ATA neighbours of the client's own task {ata_log[-1]['same_task_mean']:.2f}"
         if cfg.eval_every_round and r < rounds - 1:
-            _, pt, avg = evaluate_all(bb, cts, downloads, private, stage, tasks, cfg)
+            _, pt, avg = evaluate_all(bb, cts, *for_eval(downloads, private), stage, tasks, cfg)
             history.append({"round": r + 1, "per_task": pt, "average": avg})
             line += f", average score {avg:.1f}"
         log(line)
@@ -636,6 +719,7 @@ def run(cfg: Config, log=print):
         commit(r + 1, [])
 
     # the connector of the last round trained, also when a resumed run has no round left to train
+    downloads, private = for_eval(downloads, private)
     rows, per_task, average = evaluate_all(bb, cts, downloads, private, final_stage(cfg), tasks, cfg)
     per_task_ce, average_ce = summarise_rows(rows, tasks, "test_ce", 4)
     history.append({"round": rounds, "per_task": per_task, "average": average})
@@ -645,7 +729,7 @@ def run(cfg: Config, log=print):
            "bytes_up": bytes_up, "bytes_down": bytes_down, "wall_s": round(elapsed + time.time() - t0, 1),
            "rounds": history if cfg.eval_every_round else history[-1:],
            "trainable_params": trainable, "communicated_params": upload_params if communicates else 0,
-           "config": asdict(cfg)}
+           "ata": ata_log, "config": asdict(cfg)}
     out.mkdir(parents=True, exist_ok=True)
     for k in range(len(cts)):
         save_client_state(out, clients[k].id, downloads[k], private[k])
@@ -683,9 +767,15 @@ def parse_args(argv=None):
     ap.add_argument("--seeds", default=None, help="comparison: comma-separated seeds (e.g. 0,1,2)")
     ap.add_argument("--mu", type=float, default=d.mu, help="FedProx's proximal weight μ")
     ap.add_argument("--eval-every-round", action="store_true", help="evaluate every client after every round")
-    ap.add_argument("--rounds-stage1", type=int, default=d.rounds_stage1, help="rounds of stage 1 (R1)")
-    ap.add_argument("--rounds-stage2", type=int, default=d.rounds_stage2, help="rounds of stage 2, CT-MoA (R2)")
-    ap.add_argument("--local-epochs", type=int, default=d.local_epochs, help="local epochs per round (E)")
+    ap.add_argument("--rounds-stage1", type=int, default=None,
+                    help="rounds of stage 1, R1 (default: 4 for the tiny backbone, 1 for a checkpoint)")
+    ap.add_argument("--rounds-stage2", type=int, default=None,
+                    help="rounds of stage 2, CT-MoA, R2 (default: 16 for the tiny backbone, 3 for a checkpoint)")
+    ap.add_argument("--local-steps", type=int, default=None,
+                    help="optimiser steps per client per round (default: 10 for the tiny backbone, 0 for a checkpoint); "
+                         "0: --local-epochs whole epochs")
+    ap.add_argument("--local-epochs", type=int, default=d.local_epochs, help="local epochs per round (E), when --local-steps is 0")
+    ap.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip each step's gradient norm (0: off)")
     ap.add_argument("--top-m", type=int, default=d.top_m, help="ATA's number of nearest neighbours M (default min(3, K - 1))")
     ap.add_argument("--backbone", default=d.backbone, help="'tiny' (embedded, cached) or a LLaVA checkpoint dir / HF id")
     ap.add_argument("--out", default=d.out, help="output dir (default runs/scenario-<S>-<method>-seed<seed>)")
@@ -696,8 +786,8 @@ def parse_args(argv=None):
     ap.add_argument("--lambda-b", type=float, default=d.lambda_b, help="λ1, weight of the load-balance loss L_b (stage 2)")
     ap.add_argument("--lambda-z", type=float, default=d.lambda_z, help="λ2, weight of the router z-loss L_z (stage 2)")
     ap.add_argument("--batch-size", type=int, default=d.batch_size, help="local batch size")
-    ap.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank (default 8 tiny, 64 real checkpoints)")
-    ap.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA alpha (default 16 tiny, 128 real)")
+    ap.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default 8 tiny, 64 real checkpoints)")
+    ap.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 16 tiny, 128 real)")
     ap.add_argument("--lora-targets", default=d.lora_targets, help="comma-separated names of the LLM's linear layers to adapt")
     ap.add_argument("--data", default=d.data, help="scenario manifest of LLaVA-format data (default: the synthetic scenario)")
     ap.add_argument("--dtype", default=d.dtype, choices=list(DTYPES), help="dtype of the frozen weights")

@@ -25,7 +25,7 @@ def test_pairwise_distances_from_gram():
 
 
 def test_ata_hand_computed_four_clients():
-    out, A = aggregate.adaptive_text(_states(THETA), N, top_m=2)
+    out, A, nb = aggregate.adaptive_text(_states(THETA), N, top_m=2)
     expected = [9 / 8, 1.0, 9 / 5, 4 + 33 / 35]
     for k in range(4):
         assert abs(out[k]["lora.a"].item() - expected[k]) < 1e-6
@@ -34,22 +34,23 @@ def test_ata_hand_computed_four_clients():
     # neighbours: the non-zero off-diagonal entries of each row
     neighbours = [sorted(j for j in range(4) if j != k and A[k, j] > 0) for k in range(4)]
     assert neighbours == [[1, 2], [0, 2], [0, 1], [1, 2]]
+    assert nb == [[1, 2], [0, 2], [1, 0], [2, 1]]              # N_M(k), nearest first
     assert torch.allclose(A.sum(1), torch.ones(4, dtype=torch.float64))
 
 
 def test_ata_identical_clients_no_division_by_zero():
-    out, A = aggregate.adaptive_text(_states([2.0, 2.0, 5.0, 9.0]), [1, 1, 1, 1], top_m=2)
+    out, A, _ = aggregate.adaptive_text(_states([2.0, 2.0, 5.0, 9.0]), [1, 1, 1, 1], top_m=2)
     assert all(torch.isfinite(o["lora.a"]).all() for o in out)
     # client 0's nearest is client 1 at distance 0: all neighbour weight goes there
     assert A[0, 1] == 1 - A[0, 0] and A[0, 2] == 0
     assert abs(out[0]["lora.a"].item() - 2.0) < 1e-6
     # all four identical: everyone keeps the common value
-    out, _ = aggregate.adaptive_text(_states([4.0] * 4), [3, 1, 2, 1], top_m=3)
+    out, _, _ = aggregate.adaptive_text(_states([4.0] * 4), [3, 1, 2, 1], top_m=3)
     assert all(abs(o["lora.a"].item() - 4.0) < 1e-6 for o in out)
 
 
 def test_ata_ties_broken_by_client_index():
-    _, A = aggregate.adaptive_text(_states([0.0, 1.0, -1.0, 5.0]), [1, 1, 1, 1], top_m=1)
+    _, A, _ = aggregate.adaptive_text(_states([0.0, 1.0, -1.0, 5.0]), [1, 1, 1, 1], top_m=1)
     assert A[0, 1] > 0 and A[0, 2] == 0
 
 

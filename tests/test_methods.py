@@ -1,6 +1,7 @@
 """Each baseline and ablation switch really changes what it names, and only that."""
 from dataclasses import replace
 
+import pytest
 import torch
 
 import aggregate
@@ -96,3 +97,76 @@ def test_fedprox_pulls_towards_the_round_start(small_backbone_dir):
         up, _, _ = run.client_round(bb, ct, dict(start), {}, 1, ["vqa"], replace(cfg, method=method, mu=mu), 0, log_bar=False)
         return sum((up[k] - start[k]).pow(2).sum().item() for k in start)
     assert drift("fedprox", 1e4) < 0.5 * drift("fedavg", 0.0)
+
+
+def test_centralized_trains_one_model_on_the_union_and_scores_every_client(small_backbone_dir, tmp_path):
+    logs = []
+    cfg = run.Config(method="centralized", clients=[0, 2], n_train=8, n_test=2, batch_size=4, local_steps=2,
+                     rounds_stage1=1, rounds_stage2=1, backbone=str(small_backbone_dir), out=str(tmp_path))
+    res = run.run(cfg, log=logs.append)
+    # one trainer with K x local steps per round over the union; every client scored on its own test set
+    assert sum("client 0 (all) round" in line and ": 4 steps" in line for line in logs) == 2
+    assert [c["id"] for c in res["clients"]] == [0, 2] and res["bytes_up"] == 0
+    from safetensors.torch import load_file
+    a, b = load_file(str(tmp_path / "client_0.safetensors")), load_file(str(tmp_path / "client_2.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("lora."))
+    assert torch.equal(a["global_task_adapter.caption.linear_2.weight"], b["global_task_adapter.vqa.linear_2.weight"])
+
+
+def test_one_schedule_over_the_whole_run():
+    """Round r continues the cosine schedule where round r - 1 left it (no restart per round)."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    whole = torch.optim.SGD([p], lr=1.0)
+    s = backbone.cosine_schedule(whole, 30, 3)
+    lrs = []
+    for _ in range(30):
+        lrs.append(whole.param_groups[0]["lr"])
+        whole.step()
+        s.step()
+    per_round = []
+    for r in range(3):
+        opt = torch.optim.SGD([p], lr=1.0)
+        s = backbone.cosine_schedule(opt, 30, 3, offset=10 * r)
+        for _ in range(10):
+            per_round.append(opt.param_groups[0]["lr"])
+            opt.step()
+            s.step()
+    assert per_round == pytest.approx(lrs) and lrs[0] < lrs[3] and lrs[-1] < 0.01
+
+
+def test_fedavg_of_one_sgd_step_each_equals_one_step_on_the_union(small_backbone_dir):
+    """The aggregation invariant: K clients of equal size, each one plain SGD step (no momentum, no
+    weight decay) from the same start on a batch with as many answer tokens as the others (so the
+    mean loss of the union is the mean of the clients' mean losses), then FedAvg of the uploads
+    (LoRA and connector), equal one SGD step of one model on the union of the batches."""
+    bb = backbone.load_backbone(str(small_backbone_dir))
+    pilot.install_lora(bb.model.model.language_model, 8, 16, seed=0)
+    with torch.no_grad():   # a non-zero B, so that every LoRA tensor has a gradient
+        for k, v in pilot.lora_state(bb.model).items():
+            if k.endswith("lora_B"):
+                v.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+    start = {k: v.detach().clone() for k, v in pilot.lora_state(bb.model).items()}
+    samples = [s for c in data.make_scenario("A", 0, [2, 3], 12, 1) for s in c.train]
+    one_word = [s for s in samples if len(bb.encode(s)[1]) == 2][:9]      # answer word + EOS
+    batches = [one_word[i:i + 3] for i in range(0, 9, 3)]
+    lr = 0.5
+
+    def sgd_step(batch):
+        run.load_text_adapter(bb.model, start)
+        conn = run.build_connector(bb, 1, ["vqa"], "vqa", {}, {}, 0, run.METHODS["fedavg"])
+        params = list(pilot.trainable_parameters(bb.model, conn).values())
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=0.0)
+        opt.zero_grad(set_to_none=True)
+        h = pilot.image_features(bb.model, bb.pixels([s.image for s in batch]))
+        ids, mask, labels = backbone.collate([bb.encode(s)[:2] for s in batch], bb.tokenizer.pad_token_id)
+        pilot.lm_loss(bb.model, conn(h)[0], ids, mask, labels).backward()
+        opt.step()
+        up_conn, _ = pilot.split_connector_state(conn)
+        return {**up_conn, **{k: v.detach().clone() for k, v in pilot.lora_state(bb.model).items()}}
+
+    uploads = [sgd_step(b) for b in batches]
+    union = sgd_step([s for b in batches for s in b])
+    avg = aggregate.fedavg(uploads, [3, 3, 3])
+    assert any(not torch.equal(union[k], start[k]) for k in start)
+    for k, v in union.items():
+        torch.testing.assert_close(avg[k], v, rtol=1e-4, atol=1e-6)

@@ -108,7 +108,7 @@ def test_ata_distances_mixing_matrix_and_outputs(name):
     check("mixing", A)
     # the neighbour sets (including ties and the zero distance) are exactly the reference's
     assert torch.equal(A != 0, out["mixing"] != 0)
-    mixed, _ = aggregate.adaptive_text(states, s["n"], s["top_m"])
+    mixed, _, _ = aggregate.adaptive_text(states, s["n"], s["top_m"])
     for k, m in enumerate(mixed):
         for key, v in m.items():
             check(f"out{k}.{key}", v)

@@ -74,3 +74,15 @@ def test_end_to_end_two_clients_writes_results(small_backbone_dir, tmp_path):
     assert any(k.startswith("private.client_adapter.") for k in state)
     assert any(k.startswith("global_task_adapter.grounding.") for k in state)
     assert res["average"] == saved["average"]
+
+
+def test_presets_the_benchmark_schedule_for_tiny_and_the_papers_for_checkpoints():
+    tiny, _, _ = run.parse_args([])
+    assert (tiny.rounds_stage1, tiny.rounds_stage2, tiny.local_steps, tiny.lora_r) == (4, 16, 10, 8)
+    real, _, _ = run.parse_args(["--backbone", "llava-hf/llava-1.5-7b-hf"])
+    assert (real.rounds_stage1, real.rounds_stage2, real.local_steps, real.lora_r, real.lora_alpha) == (1, 3, 0, 64, 128.0)
+    given, _, _ = run.parse_args(["--backbone", "llava-hf/llava-1.5-7b-hf", "--local-steps", "5", "--lora-r", "16"])
+    assert (given.local_steps, given.lora_r, given.rounds_stage2) == (5, 16, 3)
+    # whole epochs when --local-steps is 0: ceil(ceil(n / batch) / grad_accum) per epoch
+    assert run.steps_per_round(run.Config(local_steps=0, local_epochs=2, batch_size=8, grad_accum=2), 33) == 6
+    assert run.steps_per_round(run.Config(local_steps=7), 33) == 7

@@ -1,7 +1,8 @@
 """
-Summaries of several runs: mean ± std over seeds per method, a paper-style markdown table, plots.
+Summaries of several runs: mean ± std over seeds per method, each method's paired difference to
+Local (the per-seed difference, then its mean ± std), a paper-style markdown table, plots.
 
-    python run.py --scenario A --methods all --seeds 0,1,2      # runs everything, then calls these
+    python run.py --scenario A --methods all          # seeds 0-4 by default; runs everything, then calls these
 
 Pure functions of results.json contents; matplotlib is optional (plots are skipped, with one line
 saying so, when it is not installed).
@@ -10,20 +11,35 @@ import statistics
 from pathlib import Path
 
 
-def _mean_std(xs):
+def _mean_std(xs, digits=2):
     # sample standard deviation (n − 1); 0 for a single seed
-    return {"mean": round(statistics.fmean(xs), 2), "std": round(statistics.stdev(xs), 2) if len(xs) > 1 else 0.0}
+    return {"mean": round(statistics.fmean(xs), digits),
+            "std": round(statistics.stdev(xs), digits) if len(xs) > 1 else 0.0}
+
+
+def _paired(runs, base, key, digits=2):
+    """Mean ± std over seeds of the per-seed difference run[key] − base[key] (same seed, same data)."""
+    return _mean_std([r[key] - b[key] for r, b in zip(runs, base)], digits)
 
 
 def summarise(scenario, seeds, results):
     """results: {method: [results.json dict per seed]} -> compare.json's content."""
     methods = {}
+    base = results.get("local")
     for m, runs in results.items():
         tasks = list(runs[0]["per_task"])
         n_rounds = len(runs[0]["rounds"])
+        ata = [rd["same_task_mean"] for r in runs for rd in r.get("ata", [])]
         methods[m] = {
             "per_task": {t: _mean_std([r["per_task"][t] for r in runs]) for t in tasks},
             "average": _mean_std([r["average"] for r in runs]),
+            "average_per_seed": [r["average"] for r in runs],
+            "per_task_ce": {t: _mean_std([r["per_task_ce"][t] for r in runs], 4) for t in tasks},
+            "average_ce": _mean_std([r["average_ce"] for r in runs], 4),
+            "vs_local": _paired(runs, base, "average") if base else None,
+            "ce_vs_local": _paired(runs, base, "average_ce", 4) if base else None,
+            # what ATA did: the share of a client's neighbours that hold its own task, over rounds and seeds
+            "ata_same_task": round(sum(ata) / len(ata), 3) if ata else None,
             "rounds": [_mean_std([r["rounds"][i]["average"] for r in runs]) | {"round": runs[0]["rounds"][i]["round"]}
                        for i in range(n_rounds)],
             "bytes_up_per_round": runs[0]["bytes_up"] // max(1, len_rounds(runs[0])),
@@ -41,24 +57,32 @@ def len_rounds(res):
 
 
 def markdown(summary):
-    """Methods as rows, tasks as columns, 'mean ± std', the best mean of each column in bold."""
+    """Two tables, methods as rows, 'mean ± std' over seeds: scores (tasks, average, paired
+    difference to Local; the best mean of each column in bold) and the smooth figures beside them
+    (test loss, its paired difference to Local, ATA's same-task share, communication, sizes)."""
     methods = summary["methods"]
     tasks = list(next(iter(methods.values()))["per_task"])
     cols = tasks + ["average"]
     cell = lambda m, c: methods[m]["average"] if c == "average" else methods[m]["per_task"][c]
     best = {c: max(cell(m, c)["mean"] for m in methods) for c in cols}
-    lines = [f"Scenario {summary['scenario']}, seeds {', '.join(map(str, summary['seeds']))} (mean ± std over seeds)", "",
-             "| method | " + " | ".join(cols) + " | kB up / round | kB down / round | trainable params | communicated params |",
-             "|---" * (len(cols) + 5) + "|"]
+    pm = lambda v, f=".1f": "–" if v is None else f"{v['mean']:+{f}} ± {v['std']:{f}}"
+    lines = [f"Scenario {summary['scenario']}, seeds {', '.join(map(str, summary['seeds']))} (mean ± std over seeds; "
+             "Δ: the per-seed difference to Local, mean ± std)", "",
+             "| method | " + " | ".join(cols) + " | Δ average vs local |", "|---" * (len(cols) + 2) + "|"]
     for m in methods:
         cells = []
         for c in cols:
             v = cell(m, c)
             txt = f"{v['mean']:.1f} ± {v['std']:.1f}"
             cells.append(f"**{txt}**" if v["mean"] == best[c] else txt)
-        k = methods[m]
-        lines.append(f"| {m} | " + " | ".join(cells) +
-                     f" | {k['bytes_up_per_round'] / 1e3:,.0f} | {k['bytes_down_per_round'] / 1e3:,.0f}"
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {pm(methods[m]['vs_local'])} |")
+    lines += ["", "| method | test loss | Δ test loss vs local | ATA neighbours of the own task | kB up / round | "
+              "kB down / round | trainable params | communicated params |", "|---" * 8 + "|"]
+    for m, k in methods.items():
+        ce, ata = k["average_ce"], k["ata_same_task"]
+        lines.append(f"| {m} | {ce['mean']:.3f} ± {ce['std']:.3f} | {pm(k['ce_vs_local'], '.3f')} | "
+                     f"{'–' if ata is None else f'{ata:.2f}'} | "
+                     f"{k['bytes_up_per_round'] / 1e3:,.0f} | {k['bytes_down_per_round'] / 1e3:,.0f}"
                      f" | {k['trainable_params']:,} | {k['communicated_params']:,} |")
     return "\n".join(lines)
 

@@ -95,6 +95,7 @@ class Config:
                 setattr(self, key, value)
 
 
+COMPARISON_SEEDS = [0, 1, 2, 3, 4]   # a comparison's seeds unless --seeds is given
 MAX_NEW_TOKENS = {"caption": 24, "vqa": 4, "grounding": 26, "ocr": 6}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -764,7 +765,7 @@ def parse_args(argv=None):
     ap.add_argument("--method", default=d.method, choices=list(METHODS), help="federated method or ablation")
     ap.add_argument("--methods", default=None, help="comparison: comma-separated methods, or 'all'")
     ap.add_argument("--seed", type=int, default=d.seed, help="seeds the data, the adapters' init and the data order")
-    ap.add_argument("--seeds", default=None, help="comparison: comma-separated seeds (e.g. 0,1,2)")
+    ap.add_argument("--seeds", default=None, help="comparison: comma-separated seeds (default 0,1,2,3,4)")
     ap.add_argument("--mu", type=float, default=d.mu, help="FedProx's proximal weight μ")
     ap.add_argument("--eval-every-round", action="store_true", help="evaluate every client after every round")
     ap.add_argument("--rounds-stage1", type=int, default=None,
@@ -859,7 +860,7 @@ if __name__ == "__main__":
     cfg, methods, seeds = parse_args()
     try:
         if methods or seeds:
-            run_comparison(cfg, methods or [cfg.method], seeds or [cfg.seed])
+            run_comparison(cfg, methods or [cfg.method], seeds or COMPARISON_SEEDS)
         else:
             run(cfg)
     except (checkpoint.CheckpointError, data.DataError) as e:

@@ -170,3 +170,23 @@ def test_fedavg_of_one_sgd_step_each_equals_one_step_on_the_union(small_backbone
     assert any(not torch.equal(union[k], start[k]) for k in start)
     for k, v in union.items():
         torch.testing.assert_close(avg[k], v, rtol=1e-4, atol=1e-6)
+
+
+def test_comparison_gives_mean_std_and_the_paired_difference_to_local():
+    import compare
+
+    def res(avg, ce, ata=None):
+        return {"per_task": {"vqa": avg}, "average": avg, "per_task_ce": {"vqa": ce}, "average_ce": ce,
+                "rounds": [{"round": 1, "average": avg}], "bytes_up": 0, "bytes_down": 0, "trainable_params": 1,
+                "communicated_params": 0, "wall_s": 1.0, "config": {"rounds_stage1": 1, "rounds_stage2": 0},
+                "ata": [{"same_task_mean": a} for a in ata or []]}
+    # local 10, 20, 30; pilot 12, 21, 36: differences 2, 1, 6 -> mean 3, std sqrt(7) = 2.65
+    s = compare.summarise("A", [0, 1, 2], {"local": [res(10, 1.0), res(20, 0.9), res(30, 0.8)],
+                                           "pilot": [res(12, 0.9, [0.5, 1.0]), res(21, 0.9, [0.5]), res(36, 0.7, [0.0])]})
+    p = s["methods"]["pilot"]
+    assert p["average"] == {"mean": 23.0, "std": 12.12} and p["vs_local"] == {"mean": 3.0, "std": 2.65}
+    assert p["ce_vs_local"] == {"mean": -0.0667, "std": 0.0577} and p["ata_same_task"] == 0.5
+    assert s["methods"]["local"]["vs_local"] == {"mean": 0.0, "std": 0.0} and s["methods"]["local"]["ata_same_task"] is None
+    table = compare.markdown(s)
+    assert "| pilot | **23.0 ± 12.1** | **23.0 ± 12.1** | +3.0 ± 2.6 |" in table
+    assert "| pilot | 0.833 ± 0.116 | -0.067 ± 0.058 | 0.50 |" in table

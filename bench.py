@@ -27,11 +27,11 @@ H100_BF16_PEAK = 989e12   # dense bf16 FLOP/s of an H100 SXM, the MFU denominato
 
 def peak_rss_mb(fn):
     """Peak resident memory while fn runs, above the resident memory before it."""
-    import run
-    run.reset_peak_memory("cpu")
-    before = run.resident_mb()
+    import report
+    report.reset_peak_memory("cpu")
+    before = report.resident_mb()
     fn()
-    return run.resident_mb("VmHWM:") - before
+    return report.resident_mb("VmHWM:") - before
 
 
 def timeit(fn, repeats=5, warmup=1, sync=lambda: None):
@@ -108,7 +108,7 @@ def bench_step(repeats, steps=8):
                             tasks, [1, 1, 1], 2)[0]
     out = {}
     for name, method, stage in (("fedavg", "fedavg", 1), ("stage1", "pilot", 1), ("stage2", "pilot", 2)):
-        cfg = run.Config(method=method, batch_size=8)
+        cfg = run.Config(method=method, batch_size=8, local_steps=steps)
         fn = lambda: run.client_round(bb, ct, down, {}, stage, tasks, cfg, 0, log_bar=False)
         out[name + "_rss_mb"] = peak_rss_mb(fn)
         out[name] = timeit(fn, repeats) / steps
@@ -204,7 +204,7 @@ def gpu_step_7b(stage, batch=16, text_tokens=64, steps=3, method="pilot"):
     proj = pilot.projector_state(model)
     base = {f"global_task_adapter.{t}.{k}": v for t in tasks for k, v in proj.items()}
     down = {**base, **{k: v.detach().clone() for k, v in pilot.lora_state(model).items()}}
-    rcfg = run.Config(method=method, batch_size=batch, lora_r=64, lora_alpha=128)
+    rcfg = run.Config(method=method, batch_size=batch, lora_r=64, lora_alpha=128, local_steps=0)  # an epoch
     run.client_round(bb, SimpleNamespace(**{**ct.__dict__, "items_train": items[:batch], "h_train": ct.h_train[:batch]}),
                      down, {}, stage, tasks, rcfg, 0, log_bar=False)      # warm-up
     torch.cuda.synchronize()

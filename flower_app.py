@@ -32,6 +32,8 @@ from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
 import data
+import faults
+import report
 import run
 
 NODE_WAIT_S = 300        # how long the server waits for every client's SuperNode to connect
@@ -44,6 +46,7 @@ def log(msg):
 # ----------------------------------------------------------------------------- configuration
 # [tool.flwr.app.config] uses run.py's flag names; TOML has no None, so 0 / "" stand for "default".
 OPTIONAL = {"clients", "n_train", "n_test", "lora_r", "lora_alpha", "top_m"}
+PRESET = {"rounds_stage1", "rounds_stage2", "local_steps"}     # -1: the backbone's preset (0 is a real value)
 
 
 def config_from(run_config) -> run.Config:
@@ -54,7 +57,7 @@ def config_from(run_config) -> run.Config:
         name = key.replace("-", "_")
         if name not in known:
             raise ValueError(f"pyproject.toml [tool.flwr.app.config]: unknown key {key!r}")
-        if name in OPTIONAL and value in (0, ""):
+        if name in OPTIONAL and value in (0, "") or name in PRESET and value == -1:
             value = None
         elif name == "clients":
             value = [int(x) for x in str(value).split(",")]
@@ -113,7 +116,7 @@ def train(msg: Message, context: Context):
     t1 = time.time()
     conf = msg.content["config"]
     download = dict(msg.content["download"].to_torch_state_dict())
-    fault = run.fault_for(run.parse_faults(cfg.faults), int(conf["k"]), int(conf["round"]))  # keyed like run.py's
+    fault = faults.fault_for(faults.parse_faults(cfg.faults), int(conf["k"]), int(conf["round"]))  # keyed like run.py's
     up, private, st = run.client_step(bb, ct, download, _private(context, bool(conf["accepted"])), int(conf["stage"]),
                                       list(conf["tasks"]), cfg, int(conf["round"]), fault, log_bar=False)
     context.state["pending"] = ArrayRecord(private)
@@ -133,7 +136,7 @@ def evaluate(msg: Message, context: Context):
     row = run.evaluate_row(bb, ct, download, private, int(conf["stage"]), list(conf["tasks"]), cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    run.save_client_state(out, ct.id, download, private)      # the client's own directory
+    report.save_client_state(out, ct.id, download, private)      # the client's own directory
     return Message(RecordDict({"row": ConfigRecord({"json": json.dumps(row)})}), reply_to=msg)
 
 
@@ -193,7 +196,7 @@ def main(grid: Grid, context: Context):
 
     communicates = method.text_agg != "none"
     downloads = [dict(theta0) for _ in range(K)]
-    bytes_up, bytes_down = 0, sum(run.nbytes(d) for d in downloads) if communicates else 0
+    bytes_up, bytes_down = 0, sum(report.nbytes(d) for d in downloads) if communicates else 0
     rounds = cfg.rounds_stage1 + cfg.rounds_stage2
 
     accepted = [True] * K     # whether each client's last upload was used (its private state follows)
@@ -209,8 +212,8 @@ def main(grid: Grid, context: Context):
         replies = _exchange(grid, node_of, MessageType.TRAIN, contents(r, stage), str(r + 1))
         uploads = [dict(m.content["upload"].to_torch_state_dict()) if m else None for m in replies]
         downloads, accepted = run.server_step(uploads, downloads, tasks_of, n, expected, cfg, log)
-        ru = sum(run.nbytes(u) for u in uploads if u is not None) if communicates else 0
-        rd = sum(run.nbytes(d) for d in downloads) if communicates else 0
+        ru = sum(report.nbytes(u) for u in uploads if u is not None) if communicates else 0
+        rd = sum(report.nbytes(d) for d in downloads) if communicates else 0
         bytes_up, bytes_down = bytes_up + ru, bytes_down + rd
         metrics = [m.content["metrics"] for m in replies if m]
         losses = [m["loss_last"] for m in metrics]
@@ -224,11 +227,11 @@ def main(grid: Grid, context: Context):
     if not all(replies):
         raise RuntimeError("a client failed its evaluation; see the log above")
     rows = [json.loads(m.content["row"]["json"]) for m in replies]
-    per_task, average = run.summarise_rows(rows, tasks)
-    per_task_ce, average_ce = run.summarise_rows(rows, tasks, "test_ce", 4)
+    per_task, average = report.summarise_rows(rows, tasks)
+    per_task_ce, average_ce = report.summarise_rows(rows, tasks, "test_ce", 4)
     res = {"scenario": cfg.scenario, "seed": cfg.seed, "method": cfg.method, "backbone": cfg.backbone,
            "engine": "flower", "clients": rows, "per_task": per_task, "average": average,
            "per_task_ce": per_task_ce, "average_ce": average_ce,
            "bytes_up": bytes_up, "bytes_down": bytes_down, "wall_s": round(time.time() - t0, 1),
            "rounds": [{"round": rounds, "per_task": per_task, "average": average}], "config": asdict(cfg)}
-    run.write_results(out, res, log)
+    report.write_results(out, res, log)

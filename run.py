@@ -33,7 +33,9 @@ import backbone as bbmod
 import checkpoint
 import compare
 import data
+import faults
 import pilot
+import report
 
 # ----------------------------------------------------------------------------- defaults, in one place
 # The schedules behind Config's None fields. "tiny": the embedded benchmark, in the federated-learning
@@ -369,57 +371,6 @@ def screen_uploads(uploads, downloads, tasks, expected, norm_factor, log=print):
     return out
 
 
-def apply_fault(fault, upload, download, task):
-    """Fault injection (tests, robustness runs): 'nan' poisons the upload, 'scale=X' multiplies the
-    client's update by X, 'drop' loses it (the client crashed)."""
-    if fault is None:
-        return upload
-    if fault == "drop":
-        return None
-    if fault == "nan":
-        bad = dict(upload)
-        key = next(iter(bad))
-        bad[key] = bad[key].clone()
-        bad[key].view(-1)[0] = float("nan")
-        return bad
-    if fault.startswith("scale="):
-        x = float(fault.split("=", 1)[1])
-        ref = {**{k: v for k, v in download.items() if k.startswith("lora.")},
-               **{"task_adapter." + k: v for k, v in pilot.sub_state(download, f"global_task_adapter.{task}.").items()}}
-        return {k: ref[k] + x * (v - ref[k]) if k in ref else v for k, v in upload.items()}
-    raise ValueError(f"unknown fault {fault!r}; expected nan, drop or scale=X")
-
-
-def parse_faults(text):
-    """'client=3:nan,client=1:scale=100@2' -> {3: ('nan', None), 1: ('scale=100', 2)}: a fault in
-    every round, or only in the round after '@' (1-based)."""
-    faults = {}
-    for part in filter(None, (text or "").split(",")):
-        who, _, what = part.partition(":")
-        what, at, when = what.partition("@")
-        ok = who.startswith("client=") and who[7:].isdigit() and (not at or when.isdigit())
-        ok = ok and (what in ("nan", "drop") or what.startswith("scale="))
-        if ok and what.startswith("scale="):
-            try:
-                float(what[6:])
-            except ValueError:
-                ok = False
-        if not ok:
-            raise ValueError(f"--faults {part!r}: expected client=<k>:nan|drop|scale=<x>, optionally @<round>")
-        faults[int(who[7:])] = (what, int(when) if at else None)
-    return faults
-
-
-def fault_for(faults, k, round_idx):
-    """The fault client k has in round round_idx (0-based), or None."""
-    what, when = faults.get(k, (None, None))
-    return what if when is None or when == round_idx + 1 else None
-
-
-def nbytes(state):
-    return sum(v.numel() * v.element_size() for v in state.values())
-
-
 # ----------------------------------------------------------------------------- set-up shared by both engines
 def load_model(cfg: Config, log=print):
     """The frozen backbone with Θ^l installed at its initial value; returns (bb, Θ^l_0, expected),
@@ -483,7 +434,7 @@ def client_step(bb, ct, download, private, stage, tasks, cfg: Config, round_idx,
     if fault == "drop":      # the client crashed mid-training: no upload, state unchanged
         return None, private, None
     up, private, stats = client_round(bb, ct, download, private, stage, tasks, cfg, round_idx, log_bar=log_bar)
-    return apply_fault(fault, up, download, ct.task), private, stats
+    return faults.apply_fault(fault, up, download, ct.task), private, stats
 
 
 def server_step(uploads, downloads, tasks_of, n, expected, cfg: Config, log=print, report=None):
@@ -526,20 +477,6 @@ def as_download_of(task, pooled_download):
 
 
 # ----------------------------------------------------------------------------- the simulation
-def results_table(res):
-    tasks = list(res["per_task"])
-    lines = [f"Scenario {res['scenario']}, method {res['method']}, seed {res['seed']}, backbone {res['backbone']}", "",
-             "| client | task | metric | n_train | n_test | score | test loss |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {c['id']} | {c['task']} | {c['metric']} | {c['n_train']} | {c['n_test']} | {c['score']:.1f} "
-              f"| {c['test_ce']:.3f} |" for c in res["clients"]]
-    lines += ["", "| | " + " | ".join(tasks + ["average"]) + " |", "|---|" + "---|" * (len(tasks) + 1),
-              "| score | " + " | ".join(f"{res['per_task'][t]:.1f}" for t in tasks) + f" | {res['average']:.1f} |",
-              "| test loss | " + " | ".join(f"{res['per_task_ce'][t]:.3f}" for t in tasks) + f" | {res['average_ce']:.3f} |",
-              "(test loss: mean answer-token cross-entropy on the client's test set, teacher-forced)", "",
-              f"bytes uploaded {res['bytes_up']:,}, downloaded {res['bytes_down']:,}; wall time {res['wall_s']:.1f} s"]
-    return "\n".join(lines)
-
-
 def evaluate_row(bb, ct, download, private, stage, tasks, cfg):
     """One client's line of the results: its score on its own test set and three examples."""
     s, preds, ce = evaluate_client(bb, ct, download, private, stage, tasks, cfg)
@@ -548,62 +485,10 @@ def evaluate_row(bb, ct, download, private, stage, tasks, cfg):
                 {"question": t.question, "answer": t.answer, "prediction": p} for t, p in zip(ct.test[:3], preds[:3])]}
 
 
-def summarise_rows(rows, tasks, key="score", digits=2):
-    """(per-task averages of the clients' scores, their overall average); key="test_ce": the same
-    for the test loss."""
-    per_task = {t: round(sum(r[key] for r in rows if r["task"] == t) / sum(r["task"] == t for r in rows), digits)
-                for t in tasks}
-    return per_task, round(sum(per_task.values()) / len(per_task), digits)
-
-
 def evaluate_all(bb, cts, downloads, private, stage, tasks, cfg):
     """Every client's score on its own test set, and the per-task and overall averages."""
     rows = [evaluate_row(bb, ct, downloads[k], private[k], stage, tasks, cfg) for k, ct in enumerate(cts)]
-    return (rows, *summarise_rows(rows, tasks))
-
-
-def save_client_state(out: Path, client_id, download, private):
-    """OUT/client_<id>.safetensors: what the client downloaded last plus its private tensors."""
-    tensors = {**download, **{f"private.{a}": b for a, b in private.items()}}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"client_{client_id}.safetensors"))
-
-
-def write_results(out: Path, res, log=print):
-    """OUT/results.json and OUT/results.md (the table, also printed)."""
-    table = results_table(res)
-    (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps(res, indent=1))
-    log("\n" + table + f"\n\nwrote {out}/results.json, results.md, client_*.safetensors")
-
-
-RESUME_KEYS = ("scenario", "method", "backbone", "seed", "rounds_stage1", "rounds_stage2", "local_steps", "local_epochs", "top_m",
-               "lr_stage1", "lr_stage2", "batch_size", "lora_r", "lora_alpha", "lora_targets", "dtype", "grad_accum",
-               "clients", "n_train", "n_test", "data", "mu", "faults", "norm_screen", "max_length",
-               "lambda_d", "lambda_b", "lambda_z", "grad_clip", "warmup_ratio")
-
-
-def reset_peak_memory(device):
-    """Start a new high-water mark of this process's memory (Linux /proc; CUDA's allocator)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-
-
-def resident_mb(field="VmRSS:"):
-    """This process's resident memory (VmRSS) or its high-water mark (VmHWM) in MB; None off Linux."""
-    try:
-        return next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith(field))
-    except (OSError, StopIteration):
-        return None
-
-
-def peak_memory(device):
-    """(peak resident MB since reset_peak_memory, CUDA max allocated MB or None)."""
-    return resident_mb("VmHWM:"), (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None)
+    return (rows, *report.summarise_rows(rows, tasks))
 
 
 def run(cfg: Config, log=print):
@@ -636,7 +521,7 @@ def run(cfg: Config, log=print):
     tasks = sorted(set(tasks_of), key=data.TASKS.index)
     n = [len(c.train) for c in clients]
     cts = [prepare_client(bb, c, cfg.device, cfg.max_length, log) for c in clients]
-    faults = parse_faults(cfg.faults)
+    injected = faults.parse_faults(cfg.faults)
     log(f"scenario {cfg.scenario}, method {cfg.method}, seed {cfg.seed}: {len(clients)} clients, "
         f"tasks {tasks}, train sizes {n}")
 
@@ -669,7 +554,7 @@ def run(cfg: Config, log=print):
         private = [{} for _ in trainers]
         pending = [{} for _ in trainers]   # this round's private states, kept only if the upload is accepted
         uploads, r0, done, losses = [None] * K, 0, [], []
-        bytes_up, bytes_down = 0, sum(nbytes(d) for d in downloads) if communicates else 0
+        bytes_up, bytes_down = 0, sum(report.nbytes(d) for d in downloads) if communicates else 0
         history, trainable, upload_params, elapsed, ata_log = [], 0, 0, 0.0, []
 
     def commit(r, done):
@@ -685,31 +570,31 @@ def run(cfg: Config, log=print):
         for k, ct in enumerate(trainers):
             if k in done:
                 continue
-            reset_peak_memory(cfg.device)
+            report.reset_peak_memory(cfg.device)
             up, pending[k], st = client_step(bb, ct, downloads[k], private[k], stage, train_tasks, train_cfg, r,
-                                             fault_for(faults, k, r))
+                                             faults.fault_for(injected, k, r))
             if st:
                 losses.append(st["loss_last"])
                 trainable, upload_params = max(trainable, st["trainable_params"]), max(upload_params, st["upload_params"])
             uploads[k] = up
-            rss, cuda = peak_memory(cfg.device)
+            rss, cuda = report.peak_memory(cfg.device)
             trained = (f"{st['steps']} steps, loss {st['loss_first']:.3f} -> {st['loss_last']:.3f}, "
                        f"{st['seconds']:.1f} s" if st else "failed, no upload")
             log(f"  client {k} ({ct.task}) round {r + 1}: {trained}; peak memory {rss or 0:.0f} MB resident"
                 + (f", {cuda:.0f} MB CUDA" if cuda else ""))
             done = done + [k]
             commit(r, done)
-        report = {}
-        downloads, accepted = server_step(uploads, downloads, train_tasks_of, train_n, expected, cfg, log, report)
+        ata_did = {}
+        downloads, accepted = server_step(uploads, downloads, train_tasks_of, train_n, expected, cfg, log, ata_did)
         private = settle_private(private, pending, accepted)
         pending = [{} for _ in trainers]
         sent = [u for u in uploads if u is not None]
-        ru, rd = (sum(nbytes(u) for u in sent), sum(nbytes(d) for d in downloads)) if communicates else (0, 0)
+        ru, rd = (sum(report.nbytes(u) for u in sent), sum(report.nbytes(d) for d in downloads)) if communicates else (0, 0)
         bytes_up, bytes_down = bytes_up + ru, bytes_down + rd
         line = (f"round {r + 1}/{rounds} (stage {stage}): mean last loss {sum(losses) / max(1, len(losses)):.3f}, "
                 f"up {ru / 1e6:.2f} MB, down {rd / 1e6:.2f} MB, {time.time() - tr:.1f} s")
-        if "neighbours" in report:
-            ata_log.append({"round": r + 1, **ata_record(report["neighbours"], train_tasks_of)})
+        if "neighbours" in ata_did:
+            ata_log.append({"round": r + 1, **ata_record(ata_did["neighbours"], train_tasks_of)})
             line += f", ATA neighbours of the client's own task {ata_log[-1]['same_task_mean']:.2f}"
         if cfg.eval_every_round and r < rounds - 1:
             _, pt, avg = evaluate_all(bb, cts, *for_eval(downloads, private), stage, tasks, cfg)
@@ -722,7 +607,7 @@ def run(cfg: Config, log=print):
     # the connector of the last round trained, also when a resumed run has no round left to train
     downloads, private = for_eval(downloads, private)
     rows, per_task, average = evaluate_all(bb, cts, downloads, private, final_stage(cfg), tasks, cfg)
-    per_task_ce, average_ce = summarise_rows(rows, tasks, "test_ce", 4)
+    per_task_ce, average_ce = report.summarise_rows(rows, tasks, "test_ce", 4)
     history.append({"round": rounds, "per_task": per_task, "average": average})
     res = {"scenario": cfg.scenario, "seed": cfg.seed, "method": cfg.method, "backbone": cfg.backbone,
            "clients": rows, "per_task": per_task, "average": average, "per_task_ce": per_task_ce,
@@ -733,8 +618,8 @@ def run(cfg: Config, log=print):
            "ata": ata_log, "config": asdict(cfg)}
     out.mkdir(parents=True, exist_ok=True)
     for k in range(len(cts)):
-        save_client_state(out, clients[k].id, downloads[k], private[k])
-    write_results(out, res, log)
+        report.save_client_state(out, clients[k].id, downloads[k], private[k])
+    report.write_results(out, res, log)
     return res
 
 
@@ -849,7 +734,7 @@ def check_config(cfg: Config):
         if not conf.is_file() or json.loads(conf.read_text()).get("model_type") != "llava":
             raise ValueError(f"--backbone {cfg.backbone}: not a LLaVA checkpoint (no config.json with model_type 'llava')")
     try:
-        parse_faults(cfg.faults)
+        faults.parse_faults(cfg.faults)
     except ValueError as e:
         raise ValueError(str(e)) from None
 

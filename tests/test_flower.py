@@ -159,6 +159,8 @@ def test_flower_run_config_uses_run_py_names():
                                   "backbone": "tiny", "clients": "0,1,5", "n-train": 0})
     assert (cfg.scenario, cfg.seed, cfg.rounds_stage1, cfg.rounds_stage2, cfg.top_m, cfg.backbone) == ("B", 3, 2, 4, 2, "tiny")
     assert cfg.clients == [0, 1, 5] and cfg.n_train is None
+    preset = flower_app.config_from({"rounds-stage1": -1, "rounds-stage2": 0, "local-steps": -1, "top-m": 0})
+    assert (preset.rounds_stage1, preset.rounds_stage2, preset.local_steps, preset.top_m) == (4, 0, 10, None)
     with pytest.raises(ValueError, match="unknown key 'rounds'"):
         flower_app.config_from({"rounds": 3})
     with pytest.raises(ValueError, match="--top-m 7"):

@@ -9,7 +9,7 @@ until any method wins:
 - task heterogeneity: every client holds ONE task type with its own instruction and answer format:
   captioning ("a large red circle left of a small blue square"), VQA about colour, shape, size,
   count and left/right relations (one-word answers), grounding (referring expression -> normalised
-  box "[x1, y1, x2, y2]" with two decimals) and, in Scenario B, text reading (a 2-4 digit string
+  box "[x1, y1, x2, y2]" with one decimal) and, in Scenario B, text reading (a 2-4 digit string
   drawn with a hand-made 3x5 pixel font).
 - client heterogeneity: each client draws its own visual domain (background level and tint, a
   background gradient, a palette shift of the object colours, pixel noise, object scale), so
@@ -18,6 +18,20 @@ until any method wins:
   one task learns about them can help another, and one client's few hundred samples are too few to
   learn everything well alone.
 Train and test splits of a client are disjoint draws from the same client distribution.
+
+The embedded benchmark is this world, these scenarios and run.py's "tiny" preset, as one instrument:
+- Scenario A: 6 clients (caption, caption, vqa, vqa, grounding, grounding), 400 training and 400
+  test samples each; Scenario B: 8 clients, adds two text-reading clients, 100 to 400 training
+  samples, 400 test samples each. 400 test samples put the binomial standard error of one client's
+  accuracy at most sqrt(0.25 / 400) = 2.5 points.
+- Schedule (run.PRESETS["tiny"]): R1 = 4 stage-1 rounds and R2 = 16 stage-2 rounds of 10 local
+  AdamW steps per client (batch 8), one cosine learning-rate schedule over each client's 200 steps
+  (3% warm-up), gradient norm clipped at 1.0; Local takes the same 200 steps, Centralized (one
+  model on the union of the training data) the federation's total, K x 200.
+- Scores: per client on its own test set, then per task and averaged over tasks (metrics below),
+  and beside them the mean answer-token cross-entropy on the same test set (teacher-forced).
+- Every table gives Local (lower bound of collaboration) and Centralized (what pooling the data
+  gives) beside the federated methods, as mean ± std over seeds 0-4.
 
 The embedded backbone is pretrained on a separate "describe the objects" corpus from a neutral
 domain (plain grey backgrounds, no noise, unit scale; `pretraining_corpus`), disjoint from the
@@ -189,7 +203,7 @@ def caption_text(objs):
 
 
 def box_text(box):
-    return "[" + ", ".join(f"{v:.2f}" for v in box) + "]"
+    return "[" + ", ".join(f"{v:.1f}" for v in box) + "]"
 
 
 def _vqa(g, objs):
@@ -283,8 +297,8 @@ class ClientSpec:
 
 
 SCENARIOS = {  # [reading] PILOT_METHOD.md, "Scenarios": this project's definition of A and B
-    "A": [ClientSpec(t, 400, 100) for t in ("caption", "caption", "vqa", "vqa", "grounding", "grounding")],
-    "B": [ClientSpec(t, n, 100) for t, n in zip(
+    "A": [ClientSpec(t, 400, 400) for t in ("caption", "caption", "vqa", "vqa", "grounding", "grounding")],
+    "B": [ClientSpec(t, n, 400) for t, n in zip(
         ("caption", "caption", "vqa", "vqa", "grounding", "grounding", "ocr", "ocr"),
         (400, 100, 100, 400, 250, 150, 400, 100))],   # sizes differ up to 4x
 }

@@ -45,17 +45,19 @@ def save_client_state(out: Path, client_id, download, private):
 
 
 def write_results(out: Path, res, log=print):
-    """OUT/results.json and OUT/results.md (the table, also printed)."""
+    """OUT/results.json and OUT/results.md (the table, also printed), and each client's predictions
+    on its whole test set in OUT/predictions_client_<id>.jsonl (one JSON object per line: id,
+    question, answer, prediction), taken out of the rows so that results.json stays small. Returns
+    what results.json holds."""
+    for row in res["clients"]:
+        lines = [json.dumps(p) for p in row.get("predictions", [])]
+        (out / f"predictions_client_{row['id']}.jsonl").write_text("".join(line + "\n" for line in lines))
+    res = dict(res, clients=[{k: v for k, v in row.items() if k != "predictions"} for row in res["clients"]])
     table = results_table(res)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(res, indent=1))
-    log("\n" + table + f"\n\nwrote {out}/results.json, results.md, client_*.safetensors")
-
-
-RESUME_KEYS = ("scenario", "method", "backbone", "seed", "rounds_stage1", "rounds_stage2", "local_steps", "local_epochs", "top_m",
-               "lr_stage1", "lr_stage2", "batch_size", "lora_r", "lora_alpha", "lora_targets", "dtype", "grad_accum",
-               "clients", "n_train", "n_test", "data", "mu", "faults", "norm_screen", "max_length",
-               "lambda_d", "lambda_b", "lambda_z", "grad_clip", "warmup_ratio")
+    log("\n" + table + f"\n\nwrote {out}/results.json, results.md, predictions_client_*.jsonl, client_*.safetensors")
+    return res
 
 
 def reset_peak_memory(device):

@@ -272,32 +272,53 @@ def client_round(bb, ct: ClientTensors, download, private, stage, tasks, cfg: Co
     return upload, {**private, **new_private}, stats
 
 
+def client_model(bb, task, download, private, stage, tasks, cfg: Config):
+    """A client's model as it is evaluated: the downloaded Θ^l in the LLM and the connector of
+    `stage` built from its download and private state (returns the connector, in eval mode)."""
+    load_text_adapter(bb.model, download)
+    return build_connector(bb, stage, tasks, task, download, private, 0, METHODS[cfg.method],
+                           loss_weights(cfg)).to(bb.model.device).eval()
+
+
 @torch.no_grad()
+def answer(bb, conn, task, h_v, prompts, cfg: Config):
+    """Greedy answers to encoded prompts about images with features h_v, eval_batch_size at a
+    time, with the model client_model() set up."""
+    preds = []
+    for i in range(0, len(prompts), cfg.eval_batch_size):
+        batch = prompts[i:i + cfg.eval_batch_size]
+        x_img, _ = conn(h_v[i:i + len(batch)].float())
+        ids, mask = bbmod.collate_prompts(batch, bb.tokenizer.pad_token_id)
+        # the tiny backbone's answers have known lengths; a real model's answers stop at EOS within 64
+        limit = MAX_NEW_TOKENS[task] if cfg.backbone == "tiny" else 64
+        out = pilot.generate(bb.model, x_img, ids.to(bb.model.device), mask.to(bb.model.device), limit,
+                             bb.tokenizer.eos_token_id, bb.tokenizer.pad_token_id)
+        preds += bb.tokenizer.batch_decode(out, skip_special_tokens=True)
+    return [p.strip() for p in preds]
+
+
+@torch.no_grad()
+def test_loss(bb, conn, h_v, items, cfg: Config):
+    """Mean answer-token cross-entropy of (prompt, answer) items, teacher-forced."""
+    ce_sum, n_tokens = 0.0, 0
+    for i in range(0, len(items), cfg.eval_batch_size):
+        batch = items[i:i + cfg.eval_batch_size]
+        x_img, _ = conn(h_v[i:i + len(batch)].float())
+        ids, mask, labels = bbmod.collate(batch, bb.tokenizer.pad_token_id)
+        dev = bb.model.device
+        ce_sum += float(pilot.lm_loss(bb.model, x_img, ids.to(dev), mask.to(dev), labels.to(dev), reduction="sum"))
+        n_tokens += int((labels[:, 1:] != -100).sum())
+    return ce_sum / max(1, n_tokens)
+
+
 def evaluate_client(bb, ct: ClientTensors, download, private, stage, tasks, cfg: Config):
     """Greedy answers on the client's held-out test set with what it downloaded plus its private
     tensors; returns (score in percent units, predictions, test loss). The test loss is the mean
     answer-token cross-entropy, teacher-forced: a smooth measure beside the generated answers'
     score, which moves only when a whole answer changes."""
-    model = bb.model
-    load_text_adapter(model, download)
-    conn = build_connector(bb, stage, tasks, ct.task, download, private, 0, METHODS[cfg.method],
-                           loss_weights(cfg)).to(model.device).eval()
-    preds, ce_sum, n_tokens = [], 0.0, 0
-    for i in range(0, len(ct.items_test), cfg.eval_batch_size):
-        items = ct.items_test[i:i + cfg.eval_batch_size]
-        x_img, _ = conn(ct.h_test[i:i + len(items)].float())
-        ids, mask, labels = bbmod.collate(items, bb.tokenizer.pad_token_id)
-        ce_sum += float(pilot.lm_loss(model, x_img, ids.to(model.device), mask.to(model.device),
-                                      labels.to(model.device), reduction="sum"))
-        n_tokens += int((labels[:, 1:] != -100).sum())
-        ids, mask = bbmod.collate_prompts([p for p, _ in items], bb.tokenizer.pad_token_id)
-        # the tiny backbone's answers have known lengths; a real model's answers stop at EOS within 64
-        limit = MAX_NEW_TOKENS[ct.task] if cfg.backbone == "tiny" else 64
-        out = pilot.generate(model, x_img, ids.to(model.device), mask.to(model.device), limit,
-                             bb.tokenizer.eos_token_id, bb.tokenizer.pad_token_id)
-        preds += bb.tokenizer.batch_decode(out, skip_special_tokens=True)
-    preds = [p.strip() for p in preds]
-    return data.score(ct.task, preds, ct.test), preds, ce_sum / max(1, n_tokens)
+    conn = client_model(bb, ct.task, download, private, stage, tasks, cfg)
+    preds = answer(bb, conn, ct.task, ct.h_test, [p for p, _ in ct.items_test], cfg)
+    return data.score(ct.task, preds, ct.test), preds, test_loss(bb, conn, ct.h_test, ct.items_test, cfg)
 
 
 # ----------------------------------------------------------------------------- server side
@@ -477,12 +498,21 @@ def as_download_of(task, pooled_download):
 
 
 # ----------------------------------------------------------------------------- the simulation
+# the settings a --resume must share with the run it continues
+RESUME_KEYS = ("scenario", "method", "backbone", "seed", "rounds_stage1", "rounds_stage2", "local_steps", "local_epochs", "top_m",
+               "lr_stage1", "lr_stage2", "batch_size", "lora_r", "lora_alpha", "lora_targets", "dtype", "grad_accum",
+               "clients", "n_train", "n_test", "data", "mu", "faults", "norm_screen", "max_length",
+               "lambda_d", "lambda_b", "lambda_z", "grad_clip", "warmup_ratio")
+
+
 def evaluate_row(bb, ct, download, private, stage, tasks, cfg):
-    """One client's line of the results: its score on its own test set and three examples."""
+    """One client's line of the results: its score and test loss on its own test set, three examples,
+    and every prediction (written to OUT/predictions_client_<id>.jsonl, not to results.json)."""
     s, preds, ce = evaluate_client(bb, ct, download, private, stage, tasks, cfg)
+    every = [{"id": t.id, "question": t.question, "answer": t.answer, "prediction": p} for t, p in zip(ct.test, preds)]
     return {"id": ct.id, "task": ct.task, "n_train": len(ct.items_train), "n_test": len(ct.test),
-            "metric": data.METRICS[ct.task], "score": round(s, 2), "test_ce": round(ce, 5), "examples": [
-                {"question": t.question, "answer": t.answer, "prediction": p} for t, p in zip(ct.test[:3], preds[:3])]}
+            "metric": data.METRICS[ct.task], "score": round(s, 2), "test_ce": round(ce, 5), "examples": every[:3],
+            "predictions": every}
 
 
 def evaluate_all(bb, cts, downloads, private, stage, tasks, cfg):
@@ -619,8 +649,7 @@ def run(cfg: Config, log=print):
     out.mkdir(parents=True, exist_ok=True)
     for k in range(len(cts)):
         report.save_client_state(out, clients[k].id, downloads[k], private[k])
-    report.write_results(out, res, log)
-    return res
+    return report.write_results(out, res, log)
 
 
 def run_comparison(cfg: Config, methods, seeds, log=print):

@@ -259,4 +259,6 @@ def load_backbone(name="tiny", device="cpu", dtype=torch.float32, log=print) -> 
 
 
 if __name__ == "__main__":
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
     print(tiny_backbone_dir())

@@ -290,4 +290,6 @@ def main():
 
 
 if __name__ == "__main__":
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()   # weight-loading bars: noise in a log file, and nothing a figure needs
     main()

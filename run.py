@@ -322,7 +322,7 @@ def evaluate_client(bb, ct: ClientTensors, download, private, stage, tasks, cfg:
 
 
 # ----------------------------------------------------------------------------- server side
-def server_round(uploads, tasks, n, top_m, method=METHODS["pilot"], previous=None, consume=False, report=None):
+def server_round(uploads, tasks, n, top_m, method=METHODS["pilot"], previous=None, consume=False, record=None):
     """Aggregate one round's uploads (client order) into each client's download. Pilot: all T
     global task adapters ψ^t_τ (task-aware visual aggregation) and the client's own Θ̄^l_k (ATA).
     FedAvg: the one sample-weighted average of both. Local ("none"): the client's own upload back.
@@ -330,7 +330,7 @@ def server_round(uploads, tasks, n, top_m, method=METHODS["pilot"], previous=Non
     previous Θ^l (and receives the new global adapters), a task with no upload keeps its previous
     global task adapter, and a round with no usable upload changes nothing. consume=True lets ATA
     write the downloads into the uploads' own Θ^l tensors (each upload must have its own).
-    report: a dict that receives ATA's neighbours N_M(k) by client index (what ATA did)."""
+    record: a dict that receives ATA's neighbours N_M(k) by client index (what ATA did)."""
     ok = [k for k, u in enumerate(uploads) if u is not None]
     if not ok:                                   # nothing usable: the server state stays as it was
         return list(previous)
@@ -340,8 +340,8 @@ def server_round(uploads, tasks, n, top_m, method=METHODS["pilot"], previous=Non
     text = [{k: v for k, v in u.items() if k.startswith("lora.")} for u in ups]
     if method.text_agg == "ata":
         text, _, nb = aggregate.adaptive_text(text, nk, top_m, inplace=consume)
-        if report is not None:
-            report["neighbours"] = {ok[i]: [ok[j] for j in row] for i, row in enumerate(nb)}
+        if record is not None:
+            record["neighbours"] = {ok[i]: [ok[j] for j in row] for i, row in enumerate(nb)}
     elif method.text_agg == "fedavg":
         text = [aggregate.fedavg(text, nk)] * K
     prefixed = lambda task, sd: {f"global_task_adapter.{task}.{k}": v for k, v in sd.items()}
@@ -458,7 +458,7 @@ def client_step(bb, ct, download, private, stage, tasks, cfg: Config, round_idx,
     return faults.apply_fault(fault, up, download, ct.task), private, stats
 
 
-def server_step(uploads, downloads, tasks_of, n, expected, cfg: Config, log=print, report=None):
+def server_step(uploads, downloads, tasks_of, n, expected, cfg: Config, log=print, record=None):
     """What the server does in a round: check the uploads (screen_uploads), then aggregate them
     (server_round) into each client's next download. uploads[k] is None for a client that failed.
     Returns (downloads, accepted): accepted[k] tells client k whether its upload was used, so that
@@ -470,7 +470,7 @@ def server_step(uploads, downloads, tasks_of, n, expected, cfg: Config, log=prin
     # consume: the uploads' Θ^l tensors (each client's own, received by the server) become the
     # downloads, so the server holds K text adapters once, not twice
     return server_round(screened, tasks_of, n, cfg.top_m, method, previous=downloads, consume=True,
-                        report=report), accepted
+                        record=record), accepted
 
 
 def ata_record(neighbours, tasks_of):

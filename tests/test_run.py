@@ -74,6 +74,13 @@ def test_end_to_end_two_clients_writes_results(small_backbone_dir, tmp_path):
     assert any(k.startswith("private.client_adapter.") for k in state)
     assert any(k.startswith("global_task_adapter.grounding.") for k in state)
     assert res["average"] == saved["average"]
+    # what ATA did each round: two clients of different tasks are each other's only neighbour
+    assert [a["round"] for a in saved["ata"]] == [1, 2]
+    assert saved["ata"][0]["neighbours"] == {"0": [1], "1": [0]} and saved["ata"][0]["same_task_mean"] == 0.0
+    # the smooth metric beside the score, and every prediction in a file of its own
+    assert all(c["test_ce"] > 0 for c in saved["clients"]) and set(saved["per_task_ce"]) == {"caption", "grounding"}
+    lines = (tmp_path / "out" / "predictions_client_4.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and {"id", "question", "answer", "prediction"} == set(json.loads(lines[0]))
 
 
 def test_presets_the_benchmark_schedule_for_tiny_and_the_papers_for_checkpoints():

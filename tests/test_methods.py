@@ -190,3 +190,29 @@ def test_comparison_gives_mean_std_and_the_paired_difference_to_local():
     table = compare.markdown(s)
     assert "| pilot | **23.0 ± 12.1** | **23.0 ± 12.1** | +3.0 ± 2.6 |" in table
     assert "| pilot | 0.833 ± 0.116 | -0.067 ± 0.058 | 0.50 |" in table
+
+
+def test_a_change_of_rounding_moves_results_less_than_a_change_of_seed(small_backbone_dir, tmp_path):
+    """Numbers that hold: the images exported to 8-bit PNG and read back through the LLaVA-format
+    loader (pixel values off by at most one step), or another thread count (another order of
+    floating-point sums), must move a small Pilot run's test loss by less than the seeds'
+    standard deviation does."""
+    import statistics
+    base = dict(batch_size=4, local_steps=3, rounds_stage1=1, rounds_stage2=2, top_m=1, backbone=str(small_backbone_dir))
+    small = dict(base, clients=[0, 2], n_train=16, n_test=8)
+
+    def loss(name, **kw):
+        return run.run(run.Config(**kw, out=str(tmp_path / name)), log=lambda *a: None)["average_ce"]
+    seeds = [loss(f"s{s}", **small, seed=s) for s in (0, 1, 2)]
+    spread = statistics.stdev(seeds)
+    manifest = data.export_scenario(tmp_path / "png", "A", 0, limit_clients=[0, 2], n_train=16, n_test=8)
+    exported = loss("png", **base, data=str(manifest), seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        other_threads = loss("threads", **small, seed=0)
+    finally:
+        torch.set_num_threads(threads)
+    assert exported != seeds[0]                     # the export does change the numbers ...
+    assert abs(exported - seeds[0]) < spread, (exported, seeds)    # ... by less than a seed does
+    assert abs(other_threads - seeds[0]) < spread, (other_threads, seeds)

@@ -39,7 +39,8 @@ def load_run(out):
     try:
         res = json.loads(path.read_text())
         cfg = run.Config(**res["config"])
-        [(c["id"], c["task"]) for c in res["clients"]]
+        if not all("id" in c and "task" in c for c in res["clients"]):
+            raise KeyError("a client row without 'id' or 'task'")
     except (ValueError, KeyError, TypeError) as e:
         raise AskError(f"{path}: not a results.json written by run.py ({type(e).__name__}: {e})") from None
     return cfg, res

@@ -176,7 +176,7 @@ def build_connector(bb, stage, tasks, own_task, download, private, seed, method=
     """The connector a client trains (or is evaluated with) in this stage, from its download and
     private state. Round 1 has no global task adapters yet: ψ_t starts from the projector.
     weights: loss_weights(cfg); None keeps the paper's λ0, λ1, λ2."""
-    w = weights or {}
+    w = {"lambda_d": pilot.LAMBDA_D, "lambda_b": pilot.LAMBDA_B, "lambda_z": pilot.LAMBDA_Z, **(weights or {})}
     c_v, c = bb.dims
     proj = pilot.projector_state(bb.model)
     # a task whose clients have never had an upload accepted has no global adapter yet: the projector
@@ -185,10 +185,10 @@ def build_connector(bb, stage, tasks, own_task, download, private, seed, method=
         return pilot.build_stage1(c_v, c, proj, globals_[own_task], use_client=False)
     if stage == 1:
         return pilot.build_stage1(c_v, c, proj, globals_[own_task], private, method.client_adapter,
-                                  **{k: v for k, v in w.items() if k == "lambda_d"})
+                                  lambda_d=w["lambda_d"])
     return pilot.build_ctmoa(c_v, c, proj, tasks if method.ctmoa else [own_task], own_task, globals_, private,
                              use_client=method.client_adapter and method.client_in_stage2, seed=seed,
-                             **{k: v for k, v in w.items() if k in ("lambda_b", "lambda_z")})
+                             lambda_b=w["lambda_b"], lambda_z=w["lambda_z"])
 
 
 def steps_per_round(cfg: Config, n):

@@ -5,6 +5,8 @@ The federation's state on disk, written so that a crash at any moment loses noth
                                    RNG state, and the size and SHA-256 of the tensor file
     OUT/state-<n>.safetensors      every tensor: each client's download and private state, and
                                    this round's uploads so far
+    <file>.safetensors             one client's own state on its own host (a Flower SuperNode's
+                                   ψ_s, ψ^c, φ): save_state / load_state, metadata in the header
 
 A write goes to a temporary file, is fsync'ed, then renamed over the old name (atomic on POSIX);
 the JSON is written last and is the commit point, so a reader sees either the old state or the
@@ -16,6 +18,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save as save_bytes
 
 
@@ -23,7 +26,7 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def _atomic_write(path: Path, write):
+def atomic_write(path: Path, write):
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         write(f)
@@ -75,11 +78,11 @@ def save(out: Path, meta: dict, groups: dict):
     n = (old or {}).get("write", 0) + 1
     tensors = out / f"state-{n}.safetensors"
     data = save_bytes(flatten(groups))
-    _atomic_write(tensors, lambda f: f.write(data))
+    atomic_write(tensors, lambda f: f.write(data))
     meta = dict(meta, write=n, tensors=tensors.name, tensors_size=tensors.stat().st_size,
                 tensors_sha256=_sha256(tensors), sizes={k: len(v) for k, v in groups.items()},
                 rng=torch.get_rng_state().tolist())
-    _atomic_write(out / "state.json", lambda f: f.write(json.dumps(meta).encode()))
+    atomic_write(out / "state.json", lambda f: f.write(json.dumps(meta).encode()))
     if old and old.get("tensors") and old["tensors"] != tensors.name:
         (out / old["tensors"]).unlink(missing_ok=True)
 
@@ -108,3 +111,28 @@ def load(out: Path):
                               f"or SHA-256 mismatch): not loaded")
     torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
     return meta, unflatten(load_file(str(tensors)), meta["sizes"])
+
+
+def save_state(path: Path, groups: dict, meta: dict):
+    """One file of named state dicts ({'private': {...}, 'pending': {...}}) and string metadata,
+    written atomically: a reader finds the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = {f"{name}/{key}": v.detach().contiguous().cpu().clone()
+            for name, state in groups.items() for key, v in state.items()}
+    data = save_bytes(flat, metadata={k: str(v) for k, v in meta.items()})
+    atomic_write(path, lambda f: f.write(data))
+
+
+def load_state(path: Path):
+    """(groups, meta) of a save_state file; a file that is not valid safetensors is a CheckpointError."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            flat = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:   # safetensors raises its own error types for a damaged header
+        raise CheckpointError(f"{path}: not a readable state file ({e})") from None
+    groups = {}
+    for key, v in flat.items():
+        name, k = key.split("/", 1)
+        groups.setdefault(name, {})[k] = v
+    return groups, meta

@@ -506,7 +506,8 @@ def load_llava_records(path, image_folder, task, client=None):
 
 def load_manifest(path, keep=None):
     """Clients from a scenario manifest {"name", "clients": [{"id", "task", "train", "test",
-    "image_folder"}]} whose paths are relative to the manifest's folder. keep: the indices of the
+    "image_folder", "n_train" (optional here, needed by a Flower server)}]} whose paths are
+    relative to the manifest's folder. keep: the indices of the
     clients whose files are read (default all), so that a host holding one client's files (a
     Flower SuperNode) needs no other client's."""
     m = _read_json(path)
@@ -526,7 +527,30 @@ def load_manifest(path, keep=None):
         folder = root / c["image_folder"]
         clients.append(ClientData(k, c["task"], load_llava_records(root / c["train"], folder, c["task"], cid),
                                   load_llava_records(root / c["test"], folder, c["task"], cid), name=str(cid)))
+        if "n_train" in c and c["n_train"] != len(clients[-1].train):
+            raise DataError(f"{path}, client {cid!r}: 'n_train' is {c['n_train']!r}, but {root / c['train']} holds "
+                            f"{len(clients[-1].train)} training samples")
     return m.get("name", Path(path).stem), clients
+
+
+def roster(scenario, manifest="", keep=None, n_train=None):
+    """[(index, task, n_train)] of a run's clients, known without reading any client's data: what a
+    server trusts (it weighs FedAvg, the task-aware average and ATA's λ_k by n_train), never what a
+    node says. From the scenario's definition, or from the manifest's per-client "n_train" (its
+    number of training samples, one per (human, gpt) pair; load_manifest checks it)."""
+    if not manifest:
+        specs = SCENARIOS[scenario]
+        return [(k, specs[k].task, n_train or specs[k].n_train) for k in (keep if keep is not None else range(len(specs)))]
+    m = _read_json(manifest)
+    out = []
+    for k, c in enumerate(m.get("clients", []) if isinstance(m, dict) else []):
+        if keep is not None and k not in keep:
+            continue
+        if not isinstance(c.get("n_train"), int) or c["n_train"] < 1:
+            raise DataError(f"{manifest}, client {c.get('id', k)!r}: no 'n_train' (its number of training samples), "
+                            f"which the server needs to weigh its updates")
+        out.append((k, c.get("task"), c["n_train"]))
+    return out
 
 
 def export_scenario(out_dir, name, seed, **shrink):
@@ -548,7 +572,7 @@ def export_scenario(out_dir, name, seed, **shrink):
                     {"from": "human", "value": "<image>\n" + s.question}, {"from": "gpt", "value": s.answer}]})
             (cdir / f"{split}.json").write_text(json.dumps(records, indent=1))
         manifest["clients"].append({"id": f"c{c.id}", "task": c.task, "train": f"c{c.id}/train.json",
-                                    "test": f"c{c.id}/test.json", "image_folder": "images"})
+                                    "test": f"c{c.id}/test.json", "image_folder": "images", "n_train": len(c.train)})
     path = out / "manifest.json"
     path.write_text(json.dumps(manifest, indent=1))
     return path

@@ -3,6 +3,8 @@ Benchmarks: what Pilot costs beside plain federated LoRA. Prints a table, writes
 
     python bench.py                      # CPU part (about 5 minutes on 2 cores)
     python bench.py --device cuda        # adds the GPU part: a LLaVA-1.5-7B-shaped client step
+    python bench.py --features 1000,10000,50000   # only the feature cache: one client round's peak
+                                         # memory and loading time, H_v in memory or on disk
 
 Ratios are measured side by side in one process, after warm-up, as the median of several repeats;
 absolute times are printed too. Peak memory of an aggregation is measured in a fresh process each
@@ -97,11 +99,12 @@ def bench_step(repeats, steps=8):
     set-up and optimiser included."""
     import backbone
     import data
+    import features
     import run
     bb = backbone.load_backbone("tiny", log=lambda *a: None)
     pilot.install_lora(bb.model.model.language_model, 8, 16, seed=0)
     c = data.make_scenario("A", 0, [2], n_train=8 * steps, n_test=1)[0]
-    ct = run.prepare_client(bb, c, "cpu")
+    ct = features.prepare_client(bb, c, "cpu")
     tasks = ["caption", "vqa", "grounding"]
     start = {k: v.detach().clone() for k, v in pilot.lora_state(bb.model).items()}
     down = run.server_round([{**start, **{f"task_adapter.{k}": v for k, v in pilot.projector_state(bb.model).items()}}] * 3,
@@ -186,6 +189,7 @@ def gpu_step_7b(stage, batch=16, text_tokens=64, steps=3, method="pilot"):
     """One client's local step on a randomly initialised LLaVA-1.5-7B-shaped model, bf16 frozen
     weights, fp32 LoRA r 64 and connector, gradient checkpointing."""
     from transformers import LlavaForConditionalGeneration
+    import features
     import run
     torch.cuda.reset_peak_memory_stats()
     cfg = llava7b_config()
@@ -197,7 +201,7 @@ def gpu_step_7b(stage, batch=16, text_tokens=64, steps=3, method="pilot"):
     ids = torch.randint(0, 32000, (batch * steps, n_tok))
     ids[:, 1:577] = 32000
     items = [(row[:n_tok - 16].tolist(), row[n_tok - 16:].tolist()) for row in ids]
-    ct = run.ClientTensors(0, "vqa", torch.randn(batch * steps, 576, 1024, device="cuda", dtype=torch.bfloat16), items,
+    ct = features.ClientTensors(0, "vqa", torch.randn(batch * steps, 576, 1024, device="cuda", dtype=torch.bfloat16), items,
                            None, [], [])
     bb = SimpleNamespace(model=model, tokenizer=SimpleNamespace(pad_token_id=0), dims=(1024, 4096))
     tasks = ["caption", "vqa", "grounding"]
@@ -223,13 +227,100 @@ def gpu_step_7b(stage, batch=16, text_tokens=64, steps=3, method="pilot"):
             "gpu": peak.name}
 
 
+# ----------------------------------------------------------------------------- 4. the feature cache
+def write_client(root: Path, n_train, n_test=50, seed=0):
+    """One VQA client of n_train + n_test synthetic images in the LLaVA format, written image by
+    image (nothing holds them all); returns its manifest."""
+    import data
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    domain = data.client_domain(g)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        records = []
+        for i in range(n):
+            s = data.make_sample(g, "vqa", domain)
+            Image.fromarray((s.image.permute(1, 2, 0) * 255).round().byte().numpy()).save(root / "images" / f"{split}{i}.png")
+            records.append({"id": f"{split}{i}", "image": f"{split}{i}.png", "conversations": [
+                {"from": "human", "value": "<image>\n" + s.question}, {"from": "gpt", "value": s.answer}]})
+        (root / f"{split}.json").write_text(json.dumps(records))
+    manifest = root / "manifest.json"
+    manifest.write_text(json.dumps({"name": f"bench-{n_train}", "clients": [
+        {"id": "c0", "task": "vqa", "train": "train.json", "test": "test.json", "image_folder": "images",
+         "n_train": n_train}]}))
+    return manifest
+
+
+def _client_round_in_child(manifest, mode):
+    """What a Flower ClientApp does for one TRAIN message, in this fresh process: load the backbone,
+    load and encode (or read back) the client's data, one round of 10 local steps. Returns
+    (loading s, round s, peak resident MB of the process)."""
+    import features
+    import report
+    import run
+    torch.set_num_threads(1)     # the same work whatever the machine's core count
+    cfg = run.Config(data=str(manifest), features=mode, rounds_stage1=1, rounds_stage2=0)
+    t0 = time.perf_counter()
+    bb, theta0, _ = run.load_model(cfg, log=lambda *a: None)
+    _, (c,) = run.load_clients(cfg)
+    ct = features.prepare_client(bb, c, "cpu", mode=mode, log=lambda *a: None)
+    t1 = time.perf_counter()
+    run.client_round(bb, ct, dict(theta0), {}, 1, ["vqa"], cfg, 0)
+    return t1 - t0, time.perf_counter() - t1, report.resident_mb("VmHWM:")
+
+
+def bench_features(counts, root: Path):
+    """Per client size: peak resident memory of one client round and its loading time, with H_v in
+    memory (encoded in the process, as every Flower message did before the cache), on disk cold
+    (encoded into the cache) and on disk warm (read back, memory-mapped). Each in a fresh process."""
+    import multiprocessing
+    out = {}
+    for n in counts:
+        manifest = write_client(root / f"client-{n}", n)
+        r = {}
+        for name, mode in (("memory", "memory"), ("disk_cold", "disk"), ("disk_warm", "disk")):
+            with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+                load_s, round_s, peak = pool.apply(_client_round_in_child, (manifest, mode))
+            r[name] = {"load_s": load_s, "round_s": round_s, "peak_rss_mb": peak}
+        out[n] = r
+    return out
+
+
+def main_features(counts):
+    import os
+    import tempfile
+    import backbone
+    tiny = backbone.tiny_backbone_dir()
+    with tempfile.TemporaryDirectory(prefix="pilot-bench-features-") as tmp:
+        # the feature cache under a temporary $PILOT_CACHE (gone afterwards), which shows the tiny backbone
+        (Path(tmp) / "cache").mkdir()
+        (Path(tmp) / "cache" / tiny.name).symlink_to(tiny)
+        os.environ["PILOT_CACHE"] = str(Path(tmp) / "cache")
+        res = bench_features(counts, Path(tmp))
+    print(f"{'images':>8}  {'H_v':>7}  " + "  ".join(f"{m:>28}" for m in ("in memory", "disk, first time", "disk, warm")))
+    print(f"{'':>8}  {'MB':>7}  " + "  ".join(f"{'peak RSS / load / round':>28}" for _ in range(3)))
+    for n, r in res.items():
+        hv = n * 16 * 64 * 4 / 2**20
+        print(f"{n:>8}  {hv:>7.0f}  " + "  ".join(
+            f"{r[m]['peak_rss_mb']:>9.0f} MB {r[m]['load_s']:>7.1f} s {r[m]['round_s']:>5.1f} s"
+            for m in ("memory", "disk_cold", "disk_warm")))
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser(description="Pilot benchmarks")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--out", default="runs/bench.json")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="paper-shape batch 2 on a GPU too")
+    ap.add_argument("--features", metavar="N,N,...", help="only the feature-cache benchmark, for clients of N images")
     a = ap.parse_args()
+    if a.features:
+        res = main_features([int(x) for x in a.features.split(",")])
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).with_name("bench-features.json").write_text(json.dumps(res, indent=1))
+        print(f"wrote {Path(a.out).with_name('bench-features.json')}")
+        return
     res, rows = {}, []
     # paper shape per sample (576 tokens, 1024 -> 4096); batch 16 on a GPU, 2 on a CPU, where one
     # batch-16 forward + backward alone is several TFLOP (a minute on 2 cores)

@@ -6,20 +6,27 @@ and server steps as run.py, carried by Flower's deployment engine instead of a P
     flower-supernode --insecure --superlink HOST:8000 --node-config "client-id=0"   # one per client
     flwr run . pilot-local --stream -c 'clients="0,2" rounds-stage1=1 rounds-stage2=1'
 
-README.md, "Running across machines", has the whole recipe (TLS, loopback, the CLI's config.toml).
+README.md, "Running across machines", has the whole recipe (TLS, SuperNode keys, the roster,
+resume, loopback, the CLI's config.toml).
 
 Who holds what:
-    server (ServerApp)  Θ^l_0, every client's current download, the aggregation (run.server_step)
-    client (ClientApp)  its data and H_v, its private ψ_s, ψ^c, φ (in context.state, never in a
-                        message); it receives only the global task adapters and its own Θ̄^l_k
-Messages: QUERY (which client, task and sample count a node holds), TRAIN (download + round and
-stage -> upload), EVALUATE (final download -> the client's results row; the client also writes its
-OUT/client_<id>.safetensors, as run.py does).
+    server (ServerApp)  Θ^l_0, every client's current download, the aggregation (run.server_step),
+                        the roster: which clients the run has, their tasks and sample counts (from
+                        the scenario or the manifest, never from a node) and, with a roster file,
+                        which SuperNode key may serve each; a checkpoint in OUT after every round
+    client (ClientApp)  its data and H_v, its private ψ_s, ψ^c, φ (in a file in the node's own
+                        state directory, never in a message); it receives only the global task
+                        adapters and its own Θ̄^l_k
+Messages: QUERY (which client a node claims), TRAIN (download + round and stage -> upload), EVALUATE
+(final download -> the client's results row; the client also writes its OUT/client_<id>.safetensors,
+as run.py does).
 
 Pilot sends each client its own Θ̄^l_k, so the server drives the rounds itself (@app.main() with
 the Grid) rather than through a Strategy, whose configure_train sends one model to all.
 """
+import hashlib
 import json
+import secrets
 import time
 from dataclasses import asdict, fields, replace
 from logging import INFO
@@ -31,12 +38,16 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
+import backbone
+import checkpoint
 import data
 import faults
+import features
 import report
 import run
 
-NODE_WAIT_S = 300        # how long the server waits for every client's SuperNode to connect
+NODE_WAIT_S = 300        # how long the server waits for every client's SuperNode to be admitted
+QUERY_TIMEOUT_S = 120    # how long a node may take to say which client it holds
 
 
 def log(msg):
@@ -47,6 +58,7 @@ def log(msg):
 # [tool.flwr.app.config] uses run.py's flag names; TOML has no None, so 0 / "" stand for "default".
 OPTIONAL = {"clients", "n_train", "n_test", "lora_r", "lora_alpha", "top_m"}
 PRESET = {"rounds_stage1", "rounds_stage2", "local_steps"}     # -1: the backbone's preset (0 is a real value)
+SERVER_ONLY = {"roster"}   # keys of the Flower deployment itself, not of run.Config
 
 
 def config_from(run_config) -> run.Config:
@@ -55,6 +67,8 @@ def config_from(run_config) -> run.Config:
     kw = {}
     for key, value in run_config.items():
         name = key.replace("-", "_")
+        if name in SERVER_ONLY:
+            continue
         if name not in known:
             raise ValueError(f"pyproject.toml [tool.flwr.app.config]: unknown key {key!r}")
         if name in OPTIONAL and value in (0, "") or name in PRESET and value == -1:
@@ -71,58 +85,84 @@ def config_from(run_config) -> run.Config:
 client_app = ClientApp()
 
 
+def _claimed_id(context: Context) -> int:
+    if "client-id" not in context.node_config:
+        raise ValueError("this SuperNode has no client id: start it with --node-config 'client-id=<k>'")
+    return int(context.node_config["client-id"])
+
+
 def _my_client(context: Context):
     """(cfg, this node's client data): the node's 'client-id' picks its client of the scenario."""
     cfg = config_from(context.run_config)
-    if "client-id" not in context.node_config:
-        raise ValueError("this SuperNode has no client id: start it with --node-config 'client-id=<k>'")
-    cid = int(context.node_config["client-id"])
+    cid = _claimed_id(context)
     cfg, clients = run.load_clients(replace(cfg, clients=[cid]))
     if not clients:
         raise ValueError(f"client-id {cid}: no such client in scenario {cfg.scenario}")
     return cfg, clients[0]
 
 
-def _prepare(context: Context):
-    """The backbone with Θ^l installed and this client's encoded data (H_v computed once)."""
+def _prepare(context: Context, conf):
+    """The backbone with Θ^l installed and this client's encoded data (H_v from the feature cache
+    when it has them), after checking that the server's roster describes this node's data."""
     cfg, c = _my_client(context)
+    if (int(conf["client"]), str(conf["task"]), int(conf["n_train"])) != (c.id, c.task, len(c.train)):
+        raise RuntimeError(f"the server's roster has client {int(conf['client'])} as a {conf['task']} client with "
+                           f"{int(conf['n_train'])} training samples; this node holds client {c.id}, {c.task}, "
+                           f"{len(c.train)} samples: check the manifest or scenario on both hosts")
     torch.manual_seed(cfg.seed)
     bb, _, _ = run.load_model(cfg, log=lambda *a: None)
-    return cfg, bb, run.prepare_client(bb, c, cfg.device, cfg.max_length, log)
+    return cfg, bb, features.prepare_client(bb, c, cfg.device, cfg.max_length, log, cfg.features, cfg.features_max_mb)
 
 
-def _private(context: Context, accepted: bool) -> dict:
-    """ψ_s, ψ^c, φ: kept in the node's context.state between rounds, never sent. The state the last
-    round's training produced waits in 'pending' until the server's next message says whether that
-    round's upload was accepted: kept if so, dropped if not (run.settle_private, as in run.py)."""
-    if "pending" in context.state:
-        if accepted:
-            context.state["private"] = context.state["pending"]
-        del context.state["pending"]
-    return dict(context.state["private"].to_torch_state_dict()) if "private" in context.state else {}
+def _state_file(context: Context, cid, token) -> Path:
+    """Where this node keeps client cid's private state for the run `token` (node-config
+    'state-dir', default $PILOT_CACHE/node-state): it outlives the ClientApp and SuperNode
+    processes, so a restarted SuperNode or a resumed ServerApp continues from it."""
+    root = context.node_config.get("state-dir") or backbone.cache_root() / "node-state"
+    return Path(str(root)).expanduser() / f"client_{cid}-run_{token}.safetensors"
+
+
+def _private_before(path: Path, r, accepted) -> tuple:
+    """(ψ_s, ψ^c, φ as client enters round r, the round they come from). The state the client's
+    round r − 1 produced waits in 'pending' until the server's verdict on that round's upload
+    (accepted): kept if so, dropped if not (run.settle_private, as in run.py). A pending state of
+    any other round is dropped: it comes from a round the server is repeating after a restart."""
+    if not path.exists():
+        return {}, -1
+    groups, meta = checkpoint.load_state(path)
+    private, p_round = groups.get("private", {}), int(meta["private_round"])
+    if p_round >= r:
+        raise checkpoint.CheckpointError(f"{path}: holds this client's state after round {p_round + 1}, but the "
+                                         f"server is at round {r + 1}: it resumed from an older checkpoint")
+    if int(meta["pending_round"]) == r - 1 and accepted:
+        return groups.get("pending", {}), r - 1
+    return private, p_round
 
 
 @client_app.query()
 def query(msg: Message, context: Context):
-    _, c = _my_client(context)
-    return Message(RecordDict({"client": ConfigRecord({"id": c.id, "task": c.task, "n_train": len(c.train)})}),
-                   reply_to=msg)
+    # the node's claim; the server decides from its roster whether this node may serve that client
+    return Message(RecordDict({"client": ConfigRecord({"id": _claimed_id(context)})}), reply_to=msg)
 
 
 @client_app.train()
 def train(msg: Message, context: Context):
     t0 = time.time()
-    cfg, bb, ct = _prepare(context)
-    t1 = time.time()
     conf = msg.content["config"]
+    cfg, bb, ct = _prepare(context, conf)
+    t1 = time.time()
+    r = int(conf["round"])
+    path = _state_file(context, ct.id, str(conf["run"]))
+    private, p_round = _private_before(path, r, bool(conf["accepted"]))
     download = dict(msg.content["download"].to_torch_state_dict())
-    fault = faults.fault_for(faults.parse_faults(cfg.faults), int(conf["k"]), int(conf["round"]))  # keyed like run.py's
-    up, private, st = run.client_step(bb, ct, download, _private(context, bool(conf["accepted"])), int(conf["stage"]),
-                                      list(conf["tasks"]), cfg, int(conf["round"]), fault, log_bar=False)
-    context.state["pending"] = ArrayRecord(private)
+    fault = faults.fault_for(faults.parse_faults(cfg.faults), int(conf["k"]), r)  # keyed like run.py's
+    up, pending, st = run.client_step(bb, ct, download, private, int(conf["stage"]), list(conf["tasks"]), cfg, r,
+                                      fault, log_bar=False)
+    checkpoint.save_state(path, {"private": private, "pending": pending},
+                          {"private_round": p_round, "pending_round": r})
     if up is None:
-        raise RuntimeError(f"client {ct.id} failed in round {int(conf['round']) + 1} (fault injection: drop)")
-    # the time spent loading the backbone and encoding the data (each message is a fresh ClientApp
+        raise RuntimeError(f"client {ct.id} failed in round {r + 1} (fault injection: drop)")
+    # the time spent loading the backbone and the client's data (each message is a fresh ClientApp
     # process) and the time spent training: the server logs both beside the round's wall time
     metrics = {**{k: float(v) for k, v in st.items()}, "prepare_s": t1 - t0, "train_s": time.time() - t1}
     return Message(RecordDict({"upload": ArrayRecord(up), "metrics": MetricRecord(metrics)}), reply_to=msg)
@@ -130,9 +170,13 @@ def train(msg: Message, context: Context):
 
 @client_app.evaluate()
 def evaluate(msg: Message, context: Context):
-    cfg, bb, ct = _prepare(context)
     conf = msg.content["config"]
-    download, private = dict(msg.content["download"].to_torch_state_dict()), _private(context, bool(conf["accepted"]))
+    cfg, bb, ct = _prepare(context, conf)
+    r = int(conf["round"])
+    path = _state_file(context, ct.id, str(conf["run"]))
+    private, p_round = _private_before(path, r, bool(conf["accepted"]))
+    checkpoint.save_state(path, {"private": private}, {"private_round": p_round, "pending_round": -1})
+    download = dict(msg.content["download"].to_torch_state_dict())
     row = run.evaluate_row(bb, ct, download, private, int(conf["stage"]), list(conf["tasks"]), cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -144,11 +188,11 @@ def evaluate(msg: Message, context: Context):
 server_app = ServerApp()
 
 
-def _exchange(grid: Grid, nodes, message_type, contents, group):
+def _exchange(grid: Grid, nodes, message_type, contents, group, timeout=None):
     """Send contents[i] to nodes[i], wait for every reply; returns the replies in node order, None
-    where a node answered with an error (a client that failed)."""
+    where a node answered with an error (a client that failed) or not at all."""
     msgs = [Message(c, dst_node_id=node, message_type=message_type, group_id=group) for node, c in zip(nodes, contents)]
-    by_node = {r.metadata.src_node_id: r for r in grid.send_and_receive(msgs)}
+    by_node = {r.metadata.src_node_id: r for r in grid.send_and_receive(msgs, timeout=timeout)}
     out = []
     for node in nodes:
         r = by_node.get(node)
@@ -160,13 +204,72 @@ def _exchange(grid: Grid, nodes, message_type, contents, group):
     return out
 
 
-def _wait_for_nodes(grid: Grid, k):
-    t = time.time()
-    while len(nodes := sorted(grid.get_node_ids())) < k:
+def key_fingerprint(key: bytes) -> str:
+    """SHA-256 of a public key's DER form (SubjectPublicKeyInfo), from OpenSSH or PEM text: the
+    same key gives the same fingerprint in either format (`flwr supernode register` takes the
+    OpenSSH file, the SuperLink reports PEM)."""
+    from cryptography.hazmat.primitives import serialization
+    key = key.strip()
+    loaded = serialization.load_pem_public_key(key) if key.startswith(b"-----") else serialization.load_ssh_public_key(key)
+    der = loaded.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return "SHA256:" + hashlib.sha256(der).hexdigest()
+
+
+def read_roster_keys(path) -> dict:
+    """{client index: key fingerprint} from a roster file {"clients": {"<index>": "<public key file>"}}
+    (key paths relative to the roster file): which SuperNode key may serve which client."""
+    path = Path(path)
+    try:
+        spec = json.loads(path.read_text())
+        keys = {int(k): key_fingerprint((path.parent / v).read_bytes()) for k, v in spec["clients"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"roster {path}: expected {{\"clients\": {{\"<client index>\": \"<public key file>\"}}}} "
+                         f"with readable OpenSSH or PEM public keys ({type(e).__name__}: {e})") from None
+    return keys
+
+
+def refusal(claim, fingerprint, roster_ids, keys, node_of):
+    """Why a node claiming client `claim` with key `fingerprint` may not serve it (None: admitted)."""
+    if claim not in roster_ids:
+        return f"claims client {claim}, which this run does not have"
+    if keys is not None and keys.get(claim) != fingerprint:
+        return f"claims client {claim}, but its key {fingerprint[:23]} is not the roster's key for client {claim}"
+    if claim in node_of:
+        return f"claims client {claim}, which node {node_of[claim]} already serves"
+    return None
+
+
+def admit_nodes(grid: Grid, roster_ids, keys):
+    """The node of each roster client, in roster order. Every node that connects is asked which
+    client it holds; it is admitted when the roster has that client, no other node serves it and
+    (with a roster file) its authenticated key is the one the roster names. Refused nodes are
+    logged with the reason and never sent anything else; the server waits for the right ones, up
+    to NODE_WAIT_S."""
+    node_of, refused, t = {}, {}, time.time()
+    while len(node_of) < len(roster_ids):
         if time.time() - t > NODE_WAIT_S:
-            raise RuntimeError(f"only {len(nodes)} of {k} SuperNodes connected within {NODE_WAIT_S} s")
-        time.sleep(1)
-    return nodes
+            raise RuntimeError(f"clients {sorted(set(roster_ids) - set(node_of))} had no admissible SuperNode within "
+                               f"{NODE_WAIT_S} s; refused: {refused or 'none'}")
+        infos = {n.node_id: n for n in grid.get_nodes()}
+        new = sorted(i for i in infos if i not in node_of.values() and i not in refused)
+        if not new:
+            time.sleep(1)
+            continue
+        for node, reply in zip(new, _exchange(grid, new, MessageType.QUERY, [RecordDict() for _ in new], "query",
+                                              timeout=QUERY_TIMEOUT_S)):
+            if reply is None:
+                refused[node] = "did not answer which client it holds"
+                continue
+            claim = int(reply.content["client"]["id"])
+            fp = key_fingerprint(infos[node].public_key) if infos[node].public_key else "none"
+            why = refusal(claim, fp, roster_ids, keys, node_of)
+            if why:
+                refused[node] = why
+                log(f"node {node} refused: {why}")
+            else:
+                node_of[claim] = node
+                log(f"node {node} admitted as client {claim}" + (f" (key {fp[:23]})" if keys is not None else ""))
+    return [node_of[k] for k in roster_ids]
 
 
 @server_app.main()
@@ -176,45 +279,66 @@ def main(grid: Grid, context: Context):
     method = run.METHODS[cfg.method]
     out = Path(cfg.out or f"runs/flower-{cfg.scenario}-{cfg.method}-seed{cfg.seed}")
     out.mkdir(parents=True, exist_ok=True)
+    saved = run.resume_from(out, cfg) if cfg.resume else None     # before anything else changes the RNG
     torch.manual_seed(cfg.seed)
     _, theta0, expected = run.load_model(cfg, log=lambda *a: None)   # Θ^l_0 and the upload shapes
+    if saved:
+        torch.set_rng_state(torch.tensor(saved[0]["rng"], dtype=torch.uint8))
 
-    # Who is who: each node names its client; clients then go in client-id order, as in run.py.
-    K = run.federation_size(cfg)
-    nodes = _wait_for_nodes(grid, K)
-    info = _exchange(grid, nodes, MessageType.QUERY, [RecordDict() for _ in nodes], "query")
-    found = sorted((int(r.content["client"]["id"]), node, r.content["client"]) for node, r in zip(nodes, info) if r)
-    if cfg.clients is not None:
-        found = [f for f in found if f[0] in cfg.clients]
-    if len(found) != K or len({f[0] for f in found}) != K:
-        raise RuntimeError(f"expected {K} distinct clients, the SuperNodes hold {[f[0] for f in found]}")
-    node_of = [node for _, node, _ in found]
-    tasks_of, n = [str(c["task"]) for _, _, c in found], [int(c["n_train"]) for _, _, c in found]
+    # The roster is the server's: ids, tasks and sample counts from the scenario or the manifest on
+    # this host; with a roster file, also the key of the SuperNode that may serve each client.
+    roster = data.roster(cfg.scenario, cfg.data, cfg.clients, cfg.n_train)
+    ids, tasks_of, n = [k for k, _, _ in roster], [t for _, t, _ in roster], [m for _, _, m in roster]
+    keys = read_roster_keys(context.run_config["roster"]) if context.run_config.get("roster") else None
+    if keys is None:
+        log("no roster file (run config 'roster'): each SuperNode's client-id is taken on trust; "
+            "use this on a closed network only")
+    elif set(ids) - set(keys):
+        raise ValueError(f"roster {context.run_config['roster']}: no key for clients {sorted(set(ids) - set(keys))}")
+    K = len(roster)
+    node_of = admit_nodes(grid, ids, keys)
     tasks = sorted(set(tasks_of), key=data.TASKS.index)
-    log(f"scenario {cfg.scenario}, method {cfg.method}, seed {cfg.seed}: clients {[f[0] for f in found]} on nodes "
-        f"{node_of}, tasks {tasks}, train sizes {n}")
+    log(f"scenario {cfg.scenario}, method {cfg.method}, seed {cfg.seed}: clients {ids} on nodes {node_of}, "
+        f"tasks {tasks}, train sizes {n}")
 
     communicates = method.text_agg != "none"
-    downloads = [dict(theta0) for _ in range(K)]
-    bytes_up, bytes_down = 0, sum(report.nbytes(d) for d in downloads) if communicates else 0
     rounds = cfg.rounds_stage1 + cfg.rounds_stage2
+    if saved:
+        p = saved[0]["progress"]
+        downloads, r0, accepted, token = saved[1]["downloads"], p["round"], p["accepted"], p["token"]
+        bytes_up, bytes_down, elapsed = p["bytes_up"], p["bytes_down"], p["elapsed"]
+        log(f"resumed from {out}/state.json at round {r0 + 1} of {rounds}")
+    else:
+        downloads = [dict(theta0) for _ in range(K)]
+        bytes_up, bytes_down = 0, sum(report.nbytes(d) for d in downloads) if communicates else 0
+        r0, elapsed = 0, 0.0
+        accepted = [True] * K     # whether each client's last upload was used (its private state follows)
+        token = secrets.token_hex(6)   # names the clients' state files of this run (and of its resumptions)
 
-    accepted = [True] * K     # whether each client's last upload was used (its private state follows)
+    def commit(r):
+        progress = {"round": r, "accepted": accepted, "token": token, "bytes_up": bytes_up,
+                    "bytes_down": bytes_down, "elapsed": elapsed + time.time() - t0}
+        checkpoint.save(out, {"config": asdict(cfg), "progress": progress, "engine": "flower"}, {"downloads": downloads})
 
     def contents(r, stage):
         return [RecordDict({"download": ArrayRecord(downloads[k]),
-                            "config": ConfigRecord({"round": r, "stage": stage, "tasks": tasks, "k": k,
+                            "config": ConfigRecord({"round": r, "stage": stage, "tasks": tasks, "k": k, "run": token,
+                                                    "client": ids[k], "task": tasks_of[k], "n_train": n[k],
                                                     "accepted": accepted[k]})})
                 for k in range(K)]
 
-    for r in range(rounds):
+    if not saved:
+        commit(0)
+    for r in range(r0, rounds):
         stage, tr = run.stage_of(cfg, r), time.time()
+        log(f"round {r + 1}/{rounds}: sent to {K} clients")
         replies = _exchange(grid, node_of, MessageType.TRAIN, contents(r, stage), str(r + 1))
         uploads = [dict(m.content["upload"].to_torch_state_dict()) if m else None for m in replies]
         downloads, accepted = run.server_step(uploads, downloads, tasks_of, n, expected, cfg, log)
         ru = sum(report.nbytes(u) for u in uploads if u is not None) if communicates else 0
         rd = sum(report.nbytes(d) for d in downloads) if communicates else 0
         bytes_up, bytes_down = bytes_up + ru, bytes_down + rd
+        commit(r + 1)
         metrics = [m.content["metrics"] for m in replies if m]
         losses = [m["loss_last"] for m in metrics]
         log(f"round {r + 1}/{rounds} (stage {stage}): mean last loss {sum(losses) / max(1, len(losses)):.3f}, "
@@ -232,6 +356,6 @@ def main(grid: Grid, context: Context):
     res = {"scenario": cfg.scenario, "seed": cfg.seed, "method": cfg.method, "backbone": cfg.backbone,
            "engine": "flower", "clients": rows, "per_task": per_task, "average": average,
            "per_task_ce": per_task_ce, "average_ce": average_ce,
-           "bytes_up": bytes_up, "bytes_down": bytes_down, "wall_s": round(time.time() - t0, 1),
+           "bytes_up": bytes_up, "bytes_down": bytes_down, "wall_s": round(elapsed + time.time() - t0, 1),
            "rounds": [{"round": rounds, "per_task": per_task, "average": average}], "config": asdict(cfg)}
     report.write_results(out, res, log)

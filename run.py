@@ -21,11 +21,10 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 import aggregate
@@ -34,6 +33,7 @@ import checkpoint
 import compare
 import data
 import faults
+import features
 import pilot
 import report
 
@@ -78,6 +78,8 @@ class Config:
     grad_ckpt: bool = False     # gradient checkpointing in the LLM
     grad_accum: int = 1
     max_length: int = 2048      # tokens; longer samples lose instruction words, never answer words
+    features: str = "auto"      # where H_v lives: "memory", "disk" (cache file, memory-mapped), "auto" (features.py)
+    features_max_mb: float = 1024.0   # "auto": a client's H_v above this many MB goes to the disk cache
     data: str = ""              # a scenario manifest of LLaVA-format data (default: synthetic scenario)
     eval_batch_size: int = 50
     mu: float = 0.01            # FedProx's μ
@@ -134,39 +136,6 @@ METHODS = {
 
 
 # ----------------------------------------------------------------------------- client side
-@dataclass
-class ClientTensors:
-    """What a client holds on device: its task, frozen image features H_v and encoded text."""
-    id: int
-    task: str
-    h_train: torch.Tensor
-    items_train: list
-    h_test: torch.Tensor
-    items_test: list          # (prompt ids, answer ids), for the teacher-forced test loss
-    test: list = field(repr=False)
-
-
-def prepare_client(bb, c: data.ClientData, device, max_length=None, log=print) -> ClientTensors:
-    """Encode a client's data once. The vision tower is frozen, so H_v = f(X_v) never changes:
-    computing it once per image, not once per epoch, is the same model at a fraction of the cost.
-    Every image file is read here, before any training: an unreadable one is a DataError naming
-    the client, the record and the file."""
-    def image(s):
-        return s.image if isinstance(s.image, torch.Tensor) else \
-            data.open_image(s.image, f"client {c.name or c.id}, record {s.id}")
-
-    def feats(samples):
-        return torch.cat([pilot.image_features(bb.model, bb.pixels([image(s) for s in samples[i:i + 64]]).to(device))
-                          for i in range(0, len(samples), 64)])
-    train, test = [bb.encode(s, max_length) for s in c.train], [bb.encode(s, max_length) for s in c.test]
-    cut = sum(t for _, _, t in train + test)
-    if cut:
-        log(f"warning: client {c.name or c.id}: {cut} of {len(train) + len(test)} samples longer than "
-            f"{max_length} tokens had their instruction truncated (answers are kept whole)")
-    return ClientTensors(c.id, c.task, feats(c.train), [(p, a) for p, a, _ in train],
-                         feats(c.test), [(p, a) for p, a, _ in test], c.test)
-
-
 def loss_weights(cfg: Config) -> dict:
     """The auxiliary losses' weights λ0, λ1, λ2, as the connectors take them."""
     return {"lambda_d": cfg.lambda_d, "lambda_b": cfg.lambda_b, "lambda_z": cfg.lambda_z}
@@ -213,7 +182,7 @@ def load_text_adapter(model, download):
             p.copy_(download[k])
 
 
-def client_round(bb, ct: ClientTensors, download, private, stage, tasks, cfg: Config, round_idx, log_bar=None):
+def client_round(bb, ct: features.ClientTensors, download, private, stage, tasks, cfg: Config, round_idx, log_bar=None):
     """One client, one round of local training. Returns (upload, private, stats): the upload holds
     'task_adapter.*' (Θ^a) and 'lora.*' (Θ^l); ψ_s, ψ^c and φ stay in private. A progress bar is
     drawn only on a terminal (log_bar None: when stderr is one); a log file gets the round lines."""
@@ -246,7 +215,7 @@ def client_round(bb, ct: ClientTensors, download, private, stage, tasks, cfg: Co
             idx = next(batches)
             ids, mask, labels = bbmod.collate([ct.items_train[i] for i in idx], bb.tokenizer.pad_token_id)
             # the connector runs in fp32 (its tensors are trainable); embed() casts to the LLM's dtype
-            x_img, aux = conn(ct.h_train[idx].float())
+            x_img, aux = conn(ct.h_train[idx].to(device).float())
             ce = pilot.lm_loss(model, x_img, ids.to(device), mask.to(device), labels.to(device))
             loss = ce + aux
             if anchor is not None:  # FedProx: stay near the round's starting point
@@ -287,7 +256,7 @@ def answer(bb, conn, task, h_v, prompts, cfg: Config):
     preds = []
     for i in range(0, len(prompts), cfg.eval_batch_size):
         batch = prompts[i:i + cfg.eval_batch_size]
-        x_img, _ = conn(h_v[i:i + len(batch)].float())
+        x_img, _ = conn(h_v[i:i + len(batch)].to(bb.model.device).float())
         ids, mask = bbmod.collate_prompts(batch, bb.tokenizer.pad_token_id)
         # the tiny backbone's answers have known lengths; a real model's answers stop at EOS within 64
         limit = MAX_NEW_TOKENS[task] if cfg.backbone == "tiny" else 64
@@ -303,7 +272,7 @@ def test_loss(bb, conn, h_v, items, cfg: Config):
     ce_sum, n_tokens = 0.0, 0
     for i in range(0, len(items), cfg.eval_batch_size):
         batch = items[i:i + cfg.eval_batch_size]
-        x_img, _ = conn(h_v[i:i + len(batch)].float())
+        x_img, _ = conn(h_v[i:i + len(batch)].to(bb.model.device).float())
         ids, mask, labels = bbmod.collate(batch, bb.tokenizer.pad_token_id)
         dev = bb.model.device
         ce_sum += float(pilot.lm_loss(bb.model, x_img, ids.to(dev), mask.to(dev), labels.to(dev), reduction="sum"))
@@ -311,7 +280,7 @@ def test_loss(bb, conn, h_v, items, cfg: Config):
     return ce_sum / max(1, n_tokens)
 
 
-def evaluate_client(bb, ct: ClientTensors, download, private, stage, tasks, cfg: Config):
+def evaluate_client(bb, ct: features.ClientTensors, download, private, stage, tasks, cfg: Config):
     """Greedy answers on the client's held-out test set with what it downloaded plus its private
     tensors; returns (score in percent units, predictions, test loss). The test loss is the mean
     answer-token cross-entropy, teacher-forced: a smooth measure beside the generated answers'
@@ -486,7 +455,7 @@ def pooled_client(cts, cfg: Config):
     """Centralized: one client holding the union of every client's training data, with the
     federation's total number of steps per round (K x --local-steps; with whole epochs, an epoch
     of the union). Its task is "all"; it is evaluated on each client's own test set."""
-    return (ClientTensors(-1, "all", torch.cat([ct.h_train for ct in cts]), [i for ct in cts for i in ct.items_train],
+    return (features.ClientTensors(-1, "all", torch.cat([ct.h_train for ct in cts]), [i for ct in cts for i in ct.items_train],
                           cts[0].h_test[:0], [], []),
             replace(cfg, local_steps=cfg.local_steps * len(cts)))
 
@@ -503,6 +472,18 @@ RESUME_KEYS = ("scenario", "method", "backbone", "seed", "rounds_stage1", "round
                "lr_stage1", "lr_stage2", "batch_size", "lora_r", "lora_alpha", "lora_targets", "dtype", "grad_accum",
                "clients", "n_train", "n_test", "data", "mu", "faults", "norm_screen", "max_length",
                "lambda_d", "lambda_b", "lambda_z", "grad_clip", "warmup_ratio")
+
+
+def resume_from(out: Path, cfg: Config):
+    """(meta, groups) of the run checkpointed in out, after checking that it was started with cfg's
+    settings (RESUME_KEYS); CheckpointError naming each setting that differs."""
+    meta = checkpoint.read_meta(out)
+    differ = [k for k in RESUME_KEYS if meta["config"].get(k) != asdict(cfg).get(k)]
+    if differ:
+        raise checkpoint.CheckpointError(
+            f"--resume: the run in {out} was started with other settings: " +
+            ", ".join(f"{k} (saved {meta['config'].get(k)!r}, now {asdict(cfg).get(k)!r})" for k in differ))
+    return checkpoint.load(out)
 
 
 def evaluate_row(bb, ct, download, private, stage, tasks, cfg):
@@ -536,21 +517,14 @@ def run(cfg: Config, log=print):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise checkpoint.CheckpointError(f"{out}: another run is writing there") from None
-    saved = None
-    if cfg.resume:
-        meta = checkpoint.read_meta(out)
-        differ = [k for k in RESUME_KEYS if meta["config"].get(k) != asdict(cfg).get(k)]
-        if differ:
-            raise checkpoint.CheckpointError(
-                f"--resume: the run in {out} was started with other settings: " +
-                ", ".join(f"{k} (saved {meta['config'].get(k)!r}, now {asdict(cfg).get(k)!r})" for k in differ))
-        saved = checkpoint.load(out)
+    saved = resume_from(out, cfg) if cfg.resume else None
     bb, theta0, expected = load_model(cfg, log)
     cfg, clients = load_clients(cfg)
     tasks_of = [c.task for c in clients]
     tasks = sorted(set(tasks_of), key=data.TASKS.index)
     n = [len(c.train) for c in clients]
-    cts = [prepare_client(bb, c, cfg.device, cfg.max_length, log) for c in clients]
+    cts = [features.prepare_client(bb, c, cfg.device, cfg.max_length, log, cfg.features, cfg.features_max_mb)
+           for c in clients]
     injected = faults.parse_faults(cfg.faults)
     log(f"scenario {cfg.scenario}, method {cfg.method}, seed {cfg.seed}: {len(clients)} clients, "
         f"tasks {tasks}, train sizes {n}")
@@ -708,6 +682,11 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", default=d.dtype, choices=list(DTYPES), help="dtype of the frozen weights")
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the LLM")
     ap.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimiser step")
+    ap.add_argument("--features", default=d.features, choices=["auto", "memory", "disk"],
+                    help="where each client's image features live: memory, a memory-mapped disk cache under "
+                         "$PILOT_CACHE/features, or auto (disk when above --features-max-mb)")
+    ap.add_argument("--features-max-mb", type=float, default=d.features_max_mb,
+                    help="--features auto: a client's features above this many MB go to the disk cache")
     ap.add_argument("--max-length", type=int, default=d.max_length, help="maximum tokens per sample")
     ap.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
     ap.add_argument("--faults", default=d.faults, help='fault injection: "client=3:nan", "client=3:scale=100", "client=3:drop" '

@@ -10,6 +10,7 @@ import torch
 
 import backbone
 import data
+import features
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,12 +120,11 @@ def test_too_long_sample_truncates_the_instruction_never_the_answer(hf_checkpoin
 
 
 def test_truncations_are_counted_in_a_warning(hf_checkpoint, exported):
-    import run
     bb = backbone.load_backbone(str(hf_checkpoint))
     _, clients = data.load_manifest(exported)
     full = bb.encode(clients[1].train[0])
     messages = []
-    run.prepare_client(bb, clients[1], "cpu", max_length=len(full[0]) + len(full[1]) - 1, log=messages.append)
+    features.prepare_client(bb, clients[1], "cpu", max_length=len(full[0]) + len(full[1]) - 1, log=messages.append)
     assert len(messages) == 1 and "client c2:" in messages[0] and "instruction truncated" in messages[0]
 
 
@@ -178,9 +178,8 @@ def test_an_empty_answer_is_a_data_error(tmp_path):
 
 
 def _prepare_all(manifest, hf_checkpoint):
-    import run
     bb = backbone.load_backbone(str(hf_checkpoint))
-    return [run.prepare_client(bb, c, "cpu") for c in data.load_manifest(manifest)[1]]
+    return [features.prepare_client(bb, c, "cpu") for c in data.load_manifest(manifest)[1]]
 
 
 def test_a_broken_image_is_a_data_error_naming_client_record_and_file(tmp_path, hf_checkpoint):
@@ -229,3 +228,21 @@ def test_loss_weights_are_settings_recorded_and_checked_on_resume():
     assert run.parse_args([])[0].lambda_d == 0.1 and run.parse_args([])[0].lambda_z == 0.01
     assert {"lambda_d", "lambda_b", "lambda_z"} <= set(run.RESUME_KEYS)
     assert run.loss_weights(cfg) == {"lambda_d": 0.5, "lambda_b": 0.2, "lambda_z": 0.0}
+
+
+def test_the_servers_roster_comes_from_the_scenario_or_the_manifest_never_from_data_files(exported, tmp_path):
+    assert data.roster("B", keep=[1, 6]) == [(1, "caption", 100), (6, "ocr", 400)]
+    assert data.roster("A", keep=[4], n_train=8) == [(4, "grounding", 8)]
+    # an exported manifest records each client's training-sample count; the roster reads only the manifest
+    assert data.roster("", str(exported)) == [(0, "caption", 6), (1, "vqa", 6)]
+    m = json.loads(exported.read_text())
+    m["clients"][1]["n_train"] = 7          # a manifest that disagrees with its client's file
+    wrong = exported.with_name("wrong.json")
+    wrong.write_text(json.dumps(m))
+    with pytest.raises(data.DataError, match=r"wrong.json, client 'c2': 'n_train' is 7, but .*train.json holds 6"):
+        data.load_manifest(wrong)
+    del m["clients"][0]["n_train"]
+    wrong.write_text(json.dumps(m))
+    with pytest.raises(data.DataError, match=r"wrong.json, client 'c0': no 'n_train'"):
+        data.roster("", str(wrong))
+    assert len(data.load_manifest(wrong, keep=[0])[1]) == 1     # run.py does not need it

@@ -7,6 +7,7 @@ import torch
 import aggregate
 import backbone
 import data
+import features
 import pilot
 import run
 
@@ -90,7 +91,7 @@ def test_fedprox_pulls_towards_the_round_start(small_backbone_dir):
     cfg = run.Config(clients=[2], n_train=8, n_test=2, batch_size=4, backbone=str(small_backbone_dir))
     bb = backbone.load_backbone(cfg.backbone)
     pilot.install_lora(bb.model.model.language_model, 8, 16, seed=0)
-    ct = run.prepare_client(bb, data.make_scenario("A", 0, [2], 8, 2)[0], "cpu")
+    ct = features.prepare_client(bb, data.make_scenario("A", 0, [2], 8, 2)[0], "cpu")
     start = {k: v.detach().clone() for k, v in pilot.lora_state(bb.model).items()}
 
     def drift(method, mu):

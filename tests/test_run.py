@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 
 import backbone
 import data
+import features
 import pilot
 import run
 
@@ -30,7 +31,7 @@ def _setup(small_backbone_dir, clients=(0, 2)):
     bb = backbone.load_backbone(cfg.backbone)
     pilot.install_lora(bb.model.model.language_model, 8, 16, seed=0)
     cs = data.make_scenario("A", 0, cfg.clients, cfg.n_train, cfg.n_test)
-    return cfg, bb, [run.prepare_client(bb, c, "cpu") for c in cs]
+    return cfg, bb, [features.prepare_client(bb, c, "cpu") for c in cs]
 
 
 def test_client_round_uploads_only_task_adapter_and_text_adapter(small_backbone_dir):

@@ -1,0 +1,150 @@
+"""
+H_v = f(X_v), the frozen vision tower's features of a client's images, computed once per image and
+kept either in memory or in a disk cache that is memory-mapped, so that a client with more images
+than memory trains and is evaluated batch by batch, and a Flower SuperNode (a new ClientApp process
+per message) reads its features instead of encoding every image again.
+
+    --features auto      (default) in memory when the client's H_v fits in --features-max-mb,
+                         else on disk
+    --features memory    in memory, nothing written
+    --features disk      $PILOT_CACHE/features/<key>.safetensors, memory-mapped on read
+
+The key is a SHA-256 of everything H_v depends on: the vision tower's weights, the feature layer and
+selection, the image processor's settings, dtype and device type, and every image (the file's bytes,
+or a synthetic image's pixels) in order. A changed image, backbone or setting gives another key, so a
+stale cache is never read; a damaged or truncated file is recomputed.
+"""
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import backbone as bbmod
+import checkpoint
+import data
+import pilot
+
+CHUNK = 64              # images encoded at once
+FORMAT = "pilot-features-1"
+_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+@dataclass
+class ClientTensors:
+    """What a client holds: its task, frozen image features H_v (on its device, or memory-mapped
+    from the disk cache on the CPU) and encoded text."""
+    id: int
+    task: str
+    h_train: torch.Tensor
+    items_train: list
+    h_test: torch.Tensor
+    items_test: list          # (prompt ids, answer ids), for the teacher-forced test loss
+    test: list = field(repr=False)
+
+
+def prepare_client(bb, c: data.ClientData, device, max_length=None, log=print, mode="memory", max_mb=1024.0):
+    """Encode a client's data once. The vision tower is frozen, so H_v never changes: computing it
+    once per image, not once per epoch, is the same model at a fraction of the cost. Every image
+    file is read here, before any training: an unreadable one is a DataError naming the client, the
+    record and the file. mode / max_mb: where H_v lives (module docstring)."""
+    where = f"client {c.name or c.id}"
+    train, test = [bb.encode(s, max_length) for s in c.train], [bb.encode(s, max_length) for s in c.test]
+    cut = sum(t for _, _, t in train + test)
+    if cut:
+        log(f"warning: {where}: {cut} of {len(train) + len(test)} samples longer than "
+            f"{max_length} tokens had their instruction truncated (answers are kept whole)")
+    mb = (len(c.train) + len(c.test)) * bb.n_image_tokens * bb.dims[0] * bb.model.dtype.itemsize / 2**20
+    if mode == "disk" or mode == "auto" and mb > max_mb:
+        h_train, h_test = cached(bb, c, device, log)
+    else:
+        h_train, h_test = (torch.cat(list(encode(bb, s, device, where))) for s in (c.train, c.test))
+    return ClientTensors(c.id, c.task, h_train, [(p, a) for p, a, _ in train],
+                         h_test, [(p, a) for p, a, _ in test], c.test)
+
+
+def encode(bb, samples, device, where):
+    """H_v of samples' images, CHUNK at a time (a generator: nothing holds them all)."""
+    for i in range(0, len(samples), CHUNK):
+        images = [s.image if isinstance(s.image, torch.Tensor) else data.open_image(s.image, f"{where}, record {s.id}")
+                  for s in samples[i:i + CHUNK]]
+        yield pilot.image_features(bb.model, bb.pixels(images).to(device))
+
+
+def cache_key(bb, c: data.ClientData, device, where) -> str:
+    h = hashlib.sha256(FORMAT.encode())
+    conf = bb.model.config
+    h.update(json.dumps([conf.vision_feature_layer, conf.vision_feature_select_strategy, str(bb.model.dtype),
+                         torch.device(device).type, bb.image_processor.to_dict()], sort_keys=True, default=str).encode())
+    for name, t in bb.model.model.vision_tower.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy())
+    for split in (c.train, c.test):
+        h.update(f"split {len(split)}".encode())
+        for s in split:
+            if isinstance(s.image, torch.Tensor):
+                h.update(s.image.detach().cpu().reshape(-1).view(torch.uint8).numpy())
+            else:
+                try:
+                    h.update(Path(s.image).read_bytes())
+                except OSError as e:
+                    raise data.DataError(f"{where}, record {s.id}: cannot read image {s.image}: {e.strerror}") from None
+    return h.hexdigest()
+
+
+def cached(bb, c: data.ClientData, device, log=print):
+    """(h_train, h_test) memory-mapped from the client's cache file, written first if missing."""
+    where = f"client {c.name or c.id}"
+    key = cache_key(bb, c, device, where)
+    path = bbmod.cache_root() / "features" / f"{key[:32]}.safetensors"
+    got = read(path, key)
+    if got is None:
+        log(f"{where}: encoding {len(c.train) + len(c.test)} images into the feature cache {path}")
+        write(path, key, bb, [c.train, c.test], device, where)
+        got = read(path, key)
+    return got
+
+
+def write(path: Path, key, bb, splits, device, where):
+    """A safetensors file ('train', 'test': [N, tokens, C_v]) streamed chunk by chunk, atomically."""
+    shape = [bb.n_image_tokens, bb.dims[0]]
+    dtype, size = bb.model.dtype, bb.model.dtype.itemsize
+    header, offset = {"__metadata__": {"format": FORMAT, "key": key}}, 0
+    for name, split in zip(("train", "test"), splits):
+        n = len(split) * shape[0] * shape[1] * size
+        header[name] = {"dtype": _DTYPES[dtype], "shape": [len(split), *shape], "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)       # the data starts 8-byte aligned, so every view below is aligned
+
+    def stream(f):
+        f.write(struct.pack("<Q", len(text)) + text)
+        for split in splits:
+            for h in encode(bb, split, device, where):
+                f.write(h.to("cpu", dtype).contiguous().view(torch.uint8).numpy().tobytes())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write(path, stream)
+
+
+def read(path: Path, key):
+    """(h_train, h_test) as views of the memory-mapped file (pages are read when a batch touches
+    them), or None when the file is missing, of another key, or damaged."""
+    if not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        if header.get("__metadata__", {}).get("key") != key:
+            return None
+        start, size = 8 + n, path.stat().st_size
+        if size != start + max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"):
+            return None
+        buf = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+        dtypes = {v: k for k, v in _DTYPES.items()}
+        return tuple(buf[start + header[s]["data_offsets"][0]:start + header[s]["data_offsets"][1]]
+                     .view(dtypes[header[s]["dtype"]]).view(header[s]["shape"]) for s in ("train", "test"))
+    except (OSError, ValueError, KeyError, struct.error):
+        return None

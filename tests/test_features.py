@@ -1,0 +1,100 @@
+"""The disk feature cache (features.py): the same H_v as in memory, read back instead of encoded,
+never stale, recomputed when damaged; and a run with it equals a run without it."""
+import os
+
+import pytest
+import torch
+
+import backbone
+import data
+import features
+import run
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PILOT_CACHE", str(tmp_path / "cache"))   # the backbone is passed by path; only features go here
+    return tmp_path / "cache" / "features"
+
+
+def _client(n_train=5, n_test=3):
+    return data.make_scenario("A", 0, [2], n_train, n_test)[0]
+
+
+def test_disk_cache_holds_the_same_features_and_is_read_back_without_encoding(small_backbone_dir, cache, monkeypatch):
+    bb = backbone.load_backbone(str(small_backbone_dir))
+    c = _client(n_train=70)           # more than one CHUNK of 64
+    mem = features.prepare_client(bb, c, "cpu", mode="memory")
+    said = []
+    disk = features.prepare_client(bb, c, "cpu", mode="disk", log=said.append)
+    assert len(list(cache.glob("*.safetensors"))) == 1 and any("encoding 73 images" in s for s in said)
+    assert torch.equal(mem.h_train, disk.h_train) and torch.equal(mem.h_test, disk.h_test)
+    assert disk.h_train.shape == (70, bb.n_image_tokens, bb.dims[0])
+    # a second preparation reads the file: the vision tower is not run again
+    monkeypatch.setattr(features, "encode", lambda *a: pytest.fail("encoded again despite a warm cache"))
+    again = features.prepare_client(bb, c, "cpu", mode="disk", log=said.append)
+    assert torch.equal(again.h_train, mem.h_train) and torch.equal(again.h_test, mem.h_test)
+    # the features come from the file (no copy in memory): the tensor's storage is the mapped file's
+    assert again.h_train.untyped_storage().nbytes() == next(cache.glob("*.safetensors")).stat().st_size
+
+
+def test_auto_goes_to_disk_above_the_threshold_only(small_backbone_dir, cache):
+    bb = backbone.load_backbone(str(small_backbone_dir))
+    c = _client()
+    mb = 8 * bb.n_image_tokens * bb.dims[0] * 4 / 2**20
+    features.prepare_client(bb, c, "cpu", mode="auto", max_mb=mb * 1.01)
+    assert not cache.exists()
+    features.prepare_client(bb, c, "cpu", mode="auto", max_mb=mb * 0.99)
+    assert len(list(cache.glob("*.safetensors"))) == 1
+
+
+def test_a_changed_image_or_backbone_is_never_served_from_a_stale_cache(small_backbone_dir, cache):
+    bb = backbone.load_backbone(str(small_backbone_dir))
+    c = _client()
+    first = features.prepare_client(bb, c, "cpu", mode="disk")
+    c.test[1].image = c.test[1].image.flip(-1)            # one test image changes
+    said = []
+    changed = features.prepare_client(bb, c, "cpu", mode="disk", log=said.append)
+    assert said and len(list(cache.glob("*.safetensors"))) == 2
+    assert torch.equal(changed.h_test[0], first.h_test[0]) and not torch.equal(changed.h_test[1], first.h_test[1])
+    with torch.no_grad():                                   # the vision tower changes
+        next(bb.model.model.vision_tower.parameters()).add_(1e-3)
+    said.clear()
+    features.prepare_client(bb, c, "cpu", mode="disk", log=said.append)
+    assert said and len(list(cache.glob("*.safetensors"))) == 3
+
+
+def test_a_truncated_cache_file_is_recomputed(small_backbone_dir, cache):
+    bb = backbone.load_backbone(str(small_backbone_dir))
+    c = _client()
+    good = features.prepare_client(bb, c, "cpu", mode="disk")
+    # copies: the file is cut in place below, under the mapping (the cache itself only ever replaces files)
+    good_train, good_test = good.h_train.clone(), good.h_test.clone()
+    path = next(cache.glob("*.safetensors"))
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 100)
+    said = []
+    again = features.prepare_client(bb, c, "cpu", mode="disk", log=said.append)
+    assert said and torch.equal(again.h_train, good_train) and torch.equal(again.h_test, good_test)
+
+
+def test_a_missing_image_file_is_a_data_error_with_a_warm_cache_too(small_backbone_dir, cache, tmp_path):
+    bb = backbone.load_backbone(str(small_backbone_dir))
+    manifest = data.export_scenario(tmp_path / "export", "A", 0, limit_clients=[2], n_train=3, n_test=2)
+    _, (c,) = data.load_manifest(manifest)
+    features.prepare_client(bb, c, "cpu", mode="disk")
+    os.remove(c.train[1].image)
+    with pytest.raises(data.DataError, match=r"client c2, record c2-1#0: cannot read image .*c2-1.png: No such file"):
+        features.prepare_client(bb, c, "cpu", mode="disk")
+
+
+def test_a_run_with_the_disk_cache_equals_one_in_memory(small_backbone_dir, cache, tmp_path):
+    settings = dict(clients=[0, 2], n_train=8, n_test=3, batch_size=4, rounds_stage1=1, rounds_stage2=1, top_m=1,
+                    backbone=str(small_backbone_dir))
+    mem = run.run(run.Config(out=str(tmp_path / "mem"), features="memory", **settings), log=lambda *a: None)
+    disk = run.run(run.Config(out=str(tmp_path / "disk"), features="disk", **settings), log=lambda *a: None)
+    assert len(list(cache.glob("*.safetensors"))) == 2
+    assert disk["clients"] == mem["clients"] and disk["average_ce"] == mem["average_ce"]
+    for cid in (0, 2):
+        read = lambda d: (tmp_path / d / f"predictions_client_{cid}.jsonl").read_text()
+        assert read("disk") == read("mem")

@@ -258,6 +258,8 @@ def _client_round_in_child(manifest, mode):
     import features
     import report
     import run
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
     torch.set_num_threads(1)     # the same work whatever the machine's core count
     cfg = run.Config(data=str(manifest), features=mode, rounds_stage1=1, rounds_stage2=0)
     t0 = time.perf_counter()

@@ -102,7 +102,7 @@ def client_domain(g: torch.Generator) -> Domain:
 NEUTRAL = Domain(random_bg=True)
 
 
-@dataclass
+@dataclass(slots=True)   # slots: a client of 50,000 records holds 50,000 of these
 class Sample:
     image: object         # a [3, S, S] float tensor in [0, 1] (synthetic) or an image file's path
     question: str
@@ -456,6 +456,36 @@ def _read_json(path):
         raise DataError(f"{path}: not valid JSON ({e})") from None
 
 
+def _json_records(path):
+    """The elements of a JSON list file, decoded one at a time: a client of 100,000 records never
+    holds them all as Python objects at once, only the file's text and the samples made so far."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    space, decoder = re.compile(r"\s*"), json.JSONDecoder()
+    i = space.match(text).end()
+    if not text.startswith("[", i):
+        got = _read_json(path)        # not a list: say what it is (or why it is not JSON)
+        raise DataError(f"{path}: expected a JSON list of records, got {type(got).__name__}")
+    i = space.match(text, i + 1).end()
+    while not text.startswith("]", i):
+        try:
+            record, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
+        yield record
+        i = space.match(text, i).end()
+        if text.startswith(",", i):
+            i = space.match(text, i + 1).end()
+        elif not text.startswith("]", i):
+            raise DataError(f"{path}: not valid JSON (expected ',' or ']' at character {i})")
+    if text[i + 1:].strip():
+        raise DataError(f"{path}: not valid JSON (extra data after the list at character {i + 1})")
+
+
 def open_image(path, where=""):
     """An image file as an RGB PIL image (greyscale, RGBA and palette images are converted), decoded
     now, so that a truncated or unreadable file is a DataError naming it rather than a traceback."""
@@ -474,11 +504,8 @@ def load_llava_records(path, image_folder, task, client=None):
     A multi-turn record becomes one sample per (human, gpt) pair, each with the record's image. An
     optional "answers" list (VQAv2's ten human answers) is used by the VQA metric of a 1-turn record.
     client: the manifest's client id, named in error messages."""
-    records = _read_json(path)
-    if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     out = []
-    for i, r in enumerate(records):
+    for i, r in enumerate(_json_records(path)):
         where = (f"{path}, " + (f"client {client!r}, " if client is not None else "") + f"record {i}"
                  + (f" (id {r.get('id')!r})" if isinstance(r, dict) and "id" in r else ""))
         if not isinstance(r, dict) or "image" not in r or "conversations" not in r:
@@ -498,7 +525,7 @@ def load_llava_records(path, image_folder, task, client=None):
             if not isinstance(g.get("value"), str) or not g["value"].strip():
                 raise DataError(f"{where}: answer turn {j} (the 'gpt' turn after human turn {j}) is empty")
             q = h["value"].replace("<image>", "").strip()
-            out.append(Sample(str(image), q, g["value"].strip(), task, id=f"{r.get('id', i)}#{j}", extra=dict(extra)))
+            out.append(Sample(str(image), q, g["value"].strip(), task, id=f"{r.get('id', i)}#{j}", extra=extra))
     if not out:
         raise DataError(f"{path}: no records (an empty client)")
     return out

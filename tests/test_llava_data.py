@@ -246,3 +246,23 @@ def test_the_servers_roster_comes_from_the_scenario_or_the_manifest_never_from_d
     with pytest.raises(data.DataError, match=r"wrong.json, client 'c0': no 'n_train'"):
         data.roster("", str(wrong))
     assert len(data.load_manifest(wrong, keep=[0])[1]) == 1     # run.py does not need it
+
+
+R = '{"id": "r", "image": "x.png", "conversations": [{"from": "human", "value": "<image> q"}, {"from": "gpt", "value": "a"}]}'
+
+
+@pytest.mark.parametrize("text, message", [
+    (f"[{R}, {R} {R}]", "not valid JSON \\(expected ',' or ']' at character"),
+    (f"[{R}] [", "not valid JSON \\(extra data after the list"),
+    (f"[{R}, {{\"id\": ", "not valid JSON"),
+    ('{"id": 1}', "expected a JSON list of records, got dict"),
+    ('', "not valid JSON")])
+def test_records_are_decoded_one_by_one_and_malformed_lists_name_the_file(tmp_path, text, message):
+    (tmp_path / "x.png").write_bytes(b"")      # the loader checks that the file exists; it decodes it later
+    path = tmp_path / "train.json"
+    path.write_text(text)
+    with pytest.raises(data.DataError, match=f"{path}: {message}"):
+        data.load_llava_records(path, tmp_path, "vqa")
+    path.write_text(' [ ] ')
+    with pytest.raises(data.DataError, match="no records"):
+        data.load_llava_records(path, tmp_path, "vqa")

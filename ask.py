@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 import data
-import pilot
+import features
 import run
 
 
@@ -75,10 +75,7 @@ class Model:
     def ask(self, samples):
         """Greedy answers to data.Samples (image: a tensor, an image path or a PIL image)."""
         bb = self.bb
-        images = [s.image if not isinstance(s.image, (str, Path)) else data.open_image(s.image, f"record {s.id}")
-                  for s in samples]
-        h_v = torch.cat([pilot.image_features(bb.model, bb.pixels(images[i:i + 64]).to(bb.model.device))
-                         for i in range(0, len(images), 64)])
+        h_v = torch.cat(list(features.encode(bb, samples, bb.model.device)))
         prompts = [bb.encode(s, self.cfg.max_length)[0] for s in samples]
         return run.answer(bb, self.conn, self.task, h_v, prompts, self.cfg)
 

@@ -65,11 +65,12 @@ def prepare_client(bb, c: data.ClientData, device, max_length=None, log=print, m
                          h_test, [(p, a) for p, a, _ in test], c.test)
 
 
-def encode(bb, samples, device, where):
-    """H_v of samples' images, CHUNK at a time (a generator: nothing holds them all)."""
+def encode(bb, samples, device, where=""):
+    """H_v of samples' images (tensors, PIL images or image files), CHUNK at a time (a generator:
+    nothing holds them all). where: who holds them, for the error of an unreadable file."""
     for i in range(0, len(samples), CHUNK):
-        images = [s.image if isinstance(s.image, torch.Tensor) else data.open_image(s.image, f"{where}, record {s.id}")
-                  for s in samples[i:i + CHUNK]]
+        images = [data.open_image(s.image, f"{where}, record {s.id}" if where else f"record {s.id}")
+                  if isinstance(s.image, (str, Path)) else s.image for s in samples[i:i + CHUNK]]
         yield pilot.image_features(bb.model, bb.pixels(images).to(device))
 
 

@@ -3,8 +3,8 @@ subprocesses (deployment engine, no Ray): a SuperLink with TLS (certificates mad
 SuperNode authentication, a roster of node keys, Scenario A restricted to clients 0 and 2, one
 stage-1 and one stage-2 round. Beside the two right nodes: an impostor (a registered key that claims
 client 0) and a stranger (an unregistered key). Then the same run with its ServerApp killed in round 2
-and resumed. Scores, predictions, bytes and every final tensor (downloads and private state) must
-equal run.py's, bit for bit."""
+and resumed, one SuperNode restarted in between. Scores, predictions, bytes and every final tensor
+(downloads and private state) must equal run.py's, bit for bit."""
 import json
 import os
 import shutil
@@ -164,10 +164,10 @@ def flower_run(small_backbone_dir, tmp_path_factory):
     def all_logs():
         return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(logs.glob("*.log")))
 
-    def node(name, cid, key):
-        start(name, ["flower-supernode", "--superlink", f"127.0.0.1:{link_port}", "--root-certificates", str(ca),
+    def node(name, cid, key, state=None):
+        return start(name, ["flower-supernode", "--superlink", f"127.0.0.1:{link_port}", "--root-certificates", str(ca),
                      "--auth-supernode-private-key", str(key), "--host", "127.0.0.1", "--port", str(free_port()),
-                     "--node-config", f'client-id={cid} state-dir="{tmp / "state" / name}"'], name, threads=1)
+                     "--node-config", f'client-id={cid} state-dir="{tmp / "state" / (state or name)}"'], name, threads=1)
 
     cli_env = {**env, "FLWR_HOME": str(tmp / "cli")}
 
@@ -202,7 +202,7 @@ def flower_run(small_backbone_dir, tmp_path_factory):
             assert reg.returncode == 0, reg.stdout + reg.stderr
             res["node_id"][name] = json.loads(reg.stdout[reg.stdout.index("{"):])["node-id"]
         (keys / "roster.json").write_text(json.dumps({"clients": {"0": "node0.pub", "2": "node2.pub"}}))
-        node("node2", 2, node_keys["node2"][0])
+        node2 = node("node2", 2, node_keys["node2"][0])
         node("impostor", 0, node_keys["impostor"][0])      # registered, but not client 0's key
         node("stranger", 2, node_keys["stranger"][0])      # not registered at all
 
@@ -224,6 +224,9 @@ def flower_run(small_backbone_dir, tmp_path_factory):
         res["killed"] = len(victims)
         res["round_at_kill"] = json.loads((res["killed_out"] / "state.json").read_text())["progress"]["round"]
         stop([cli])
+        # client 2's SuperNode is restarted too (same key, same state directory): it continues from its file
+        stop([node2])
+        node("node2-restarted", 2, node_keys["node2"][0], state="node2")
         cli = flwr_run("run2-resumed", res["killed_out"], resume=True)
         cli.wait(timeout=RUN_LIMIT_S)
     finally:
@@ -231,6 +234,7 @@ def flower_run(small_backbone_dir, tmp_path_factory):
     res["logs"] = all_logs()
     res["server_log"] = read("run1")
     res["stranger_log"] = read("stranger")
+    res["resumed_log"] = read("run2-resumed")
     assert (res["out"] / "results.json").is_file(), "the Flower run wrote no results:\n" + res["logs"]
     shutil.rmtree(tmp / "link", ignore_errors=True)
     return res
@@ -331,7 +335,9 @@ def test_flower_serverapp_killed_in_round_2_resumes_to_the_same_result(flower_ru
     # the kill hit round 2: the ServerApp was running and its last checkpoint is round 1's aggregation
     assert flower_run["killed"] >= 1 and flower_run["round_at_kill"] == 1, flower_run["logs"]
     first, resumed = flower_run["out"], flower_run["killed_out"]
-    assert "resumed from" in flower_run["logs"]
+    assert "resumed from" in flower_run["resumed_log"]
+    # the restarted SuperNode came back under its registered key, as the same node
+    assert f"node {flower_run['node_id']['node2']} admitted as client 2" in flower_run["resumed_log"]
     same_as(json.loads((first / "results.json").read_text()), first, resumed, flower_run["logs"])
 
 

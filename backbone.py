@@ -3,6 +3,7 @@ The LLaVA backbone: the embedded "tiny" one (built, pretrained and cached on fir
 LLaVA checkpoint in Hugging Face format, loaded the same way; plus prompt encoding and batching.
 
     python backbone.py            # build (or find) the tiny backbone and print where it is cached
+    python backbone.py --probe    # and how well it describes and locates one object on held-out images
 
 The tiny backbone is a real LlavaForConditionalGeneration (a small CLIP vision tower, a small Llama,
 the LLaVA-1.5 two-layer projector), a word-level PreTrainedTokenizerFast over the synthetic world's
@@ -258,7 +259,39 @@ def load_backbone(name="tiny", device="cpu", dtype=torch.float32, log=print) -> 
     return Backbone(model, tokenizer, processor, str(name), prompt)
 
 
+@torch.no_grad()
+def probe(bb, n=3000, seed=7):
+    """What the pretrained backbone itself can do, on held-out neutral one-object images of its own
+    corpus ("describe the objects."): the fraction whose object words (size, colour, shape) it gets
+    right, and the L1 error of the centre it names, beside the error of always naming the image
+    centre. The federated tasks rely on both (grounding on the location)."""
+    corpus = [s for s in data.pretraining_corpus(n, seed)
+              if s.question == "describe the objects." and " ; " not in s.answer and not s.answer.startswith("text")]
+    x_img = bb.model.model.multi_modal_projector(pilot.image_features(bb.model, bb.pixels([s.image for s in corpus])))
+    ids, mask = collate_prompts([bb.encode(s)[0] for s in corpus], bb.tokenizer.pad_token_id)
+    out = pilot.generate(bb.model, x_img, ids, mask, 20, bb.tokenizer.eos_token_id, bb.tokenizer.pad_token_id)
+    words, err, guess = 0, [], []
+    for s, p in zip(corpus, bb.tokenizer.batch_decode(out, skip_special_tokens=True)):
+        want, got = s.answer.split(" at "), p.strip().split(" ; ")[0].split(" at ")
+        words += want[0] == got[0]
+        a = [float(v) for v in want[1].split(", ")]
+        try:
+            b = [float(v) for v in got[1].split(", ")[:2]]
+        except (IndexError, ValueError):
+            b = [0.5, 0.5]          # no readable centre: counted as naming the image centre
+        err.append(abs(a[0] - b[0]) + abs(a[1] - b[1]))
+        guess.append(abs(a[0] - 0.5) + abs(a[1] - 0.5))
+    return {"images": len(corpus), "object_words_right": words / len(corpus),
+            "centre_l1_error": sum(err) / len(err), "centre_l1_error_guessing_the_middle": sum(guess) / len(guess)}
+
+
 if __name__ == "__main__":
+    import argparse
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
-    print(tiny_backbone_dir())
+    ap = argparse.ArgumentParser(description="Build (or find) the tiny backbone; print its directory.")
+    ap.add_argument("--probe", action="store_true", help="also measure what it describes and locates (probe())")
+    path = tiny_backbone_dir()
+    print(path)
+    if ap.parse_args().probe:
+        print(json.dumps(probe(load_backbone(str(path), log=lambda *a: None)), indent=1))

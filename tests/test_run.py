@@ -94,3 +94,14 @@ def test_presets_the_benchmark_schedule_for_tiny_and_the_papers_for_checkpoints(
     # whole epochs when --local-steps is 0: ceil(ceil(n / batch) / grad_accum) per epoch
     assert run.steps_per_round(run.Config(local_steps=0, local_epochs=2, batch_size=8, grad_accum=2), 33) == 6
     assert run.steps_per_round(run.Config(local_steps=7), 33) == 7
+
+
+def test_backbone_probe_reports_its_own_baseline_exactly(small_backbone_dir):
+    bb = backbone.load_backbone(str(small_backbone_dir))
+    r = backbone.probe(bb, n=200)
+    one = [s for s in data.pretraining_corpus(200, 7)
+           if s.question == "describe the objects." and " ; " not in s.answer and not s.answer.startswith("text")]
+    centres = [[float(v) for v in s.answer.split(" at ")[1].split(", ")] for s in one]
+    assert r["images"] == len(one) > 10
+    assert abs(r["centre_l1_error_guessing_the_middle"] - sum(abs(x - 0.5) + abs(y - 0.5) for x, y in centres) / len(one)) < 1e-12
+    assert 0 <= r["object_words_right"] <= 1 and 0 <= r["centre_l1_error"] <= 2

@@ -232,7 +232,6 @@ def write_client(root: Path, n_train, n_test=50, seed=0):
     """One VQA client of n_train + n_test synthetic images in the LLaVA format, written image by
     image (nothing holds them all); returns its manifest."""
     import data
-    from PIL import Image
     g = torch.Generator().manual_seed(seed)
     domain = data.client_domain(g)
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -240,9 +239,8 @@ def write_client(root: Path, n_train, n_test=50, seed=0):
         records = []
         for i in range(n):
             s = data.make_sample(g, "vqa", domain)
-            Image.fromarray((s.image.permute(1, 2, 0) * 255).round().byte().numpy()).save(root / "images" / f"{split}{i}.png")
-            records.append({"id": f"{split}{i}", "image": f"{split}{i}.png", "conversations": [
-                {"from": "human", "value": "<image>\n" + s.question}, {"from": "gpt", "value": s.answer}]})
+            s.id = f"{split}{i}"
+            records.append(data.llava_record(s, root / "images", f"{s.id}.png"))
         (root / f"{split}.json").write_text(json.dumps(records))
     manifest = root / "manifest.json"
     manifest.write_text(json.dumps({"name": f"bench-{n_train}", "clients": [

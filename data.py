@@ -580,10 +580,17 @@ def roster(scenario, manifest="", keep=None, n_train=None):
     return out
 
 
+def llava_record(s: Sample, folder: Path, file: str) -> dict:
+    """A synthetic sample as a LLaVA record, its image written to folder/file as an 8-bit PNG."""
+    from PIL import Image
+    Image.fromarray((s.image.permute(1, 2, 0) * 255).round().byte().numpy()).save(folder / file)
+    return {"id": s.id, "image": file, "conversations": [
+        {"from": "human", "value": "<image>\n" + s.question}, {"from": "gpt", "value": s.answer}]}
+
+
 def export_scenario(out_dir, name, seed, **shrink):
     """Write a synthetic scenario in the LLaVA format (PNG images, one manifest), so that the
     loader for real data serves it too. Returns the manifest's path."""
-    from PIL import Image
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     manifest = {"name": f"synthetic-{name}-seed{seed}", "clients": []}
@@ -591,12 +598,7 @@ def export_scenario(out_dir, name, seed, **shrink):
         cdir = out / f"c{c.id}"
         cdir.mkdir(exist_ok=True)
         for split, samples in (("train", c.train), ("test", c.test)):
-            records = []
-            for s in samples:
-                file = f"{s.id}.png"
-                Image.fromarray((s.image.permute(1, 2, 0) * 255).round().byte().numpy()).save(out / "images" / file)
-                records.append({"id": s.id, "image": file, "conversations": [
-                    {"from": "human", "value": "<image>\n" + s.question}, {"from": "gpt", "value": s.answer}]})
+            records = [llava_record(s, out / "images", f"{s.id}.png") for s in samples]
             (cdir / f"{split}.json").write_text(json.dumps(records, indent=1))
         manifest["clients"].append({"id": f"c{c.id}", "task": c.task, "train": f"c{c.id}/train.json",
                                     "test": f"c{c.id}/test.json", "image_folder": "images", "n_train": len(c.train)})

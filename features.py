@@ -17,6 +17,8 @@ stale cache is never read; a damaged or truncated file is recomputed.
 import hashlib
 import json
 import struct
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,17 +34,48 @@ FORMAT = "pilot-features-1"
 _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
+class Tokens(Sequence):
+    """A client's encoded text: item i is (prompt ids, answer ids), as lists. The ids of all items
+    live in one flat int32 array with the boundaries beside it, about 140 bytes a sample where
+    Python lists of ints take about 450, so that the text, not only H_v, stays small for a
+    client of 100,000 samples."""
+
+    def __init__(self, pairs=()):
+        self.ids, self.ends = array("i"), array("q", [0])   # ends: prompt end, answer end, per item
+        for p, a in pairs:
+            self.append(p, a)
+
+    def append(self, prompt, answer):
+        self.ids.extend(prompt)
+        self.ends.append(len(self.ids))
+        self.ids.extend(answer)
+        self.ends.append(len(self.ids))
+
+    def __len__(self):
+        return len(self.ends) // 2
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return Tokens(self[j] for j in range(*i.indices(len(self))))
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"item {i} of {len(self)}")
+        i %= len(self)
+        s, m, e = self.ends[2 * i], self.ends[2 * i + 1], self.ends[2 * i + 2]
+        return self.ids[s:m].tolist(), self.ids[m:e].tolist()
+
+
 @dataclass
 class ClientTensors:
     """What a client holds: its task, frozen image features H_v (on its device, or memory-mapped
-    from the disk cache on the CPU) and encoded text."""
+    from the disk cache on the CPU) and encoded text (Tokens). Its training samples' text and
+    images are not kept: once encoded they are not needed."""
     id: int
     task: str
     h_train: torch.Tensor
-    items_train: list
+    items_train: Sequence
     h_test: torch.Tensor
-    items_test: list          # (prompt ids, answer ids), for the teacher-forced test loss
-    test: list = field(repr=False)
+    items_test: Sequence      # (prompt ids, answer ids), for the teacher-forced test loss
+    test: list = field(repr=False)    # the test samples, whose answers score the predictions
 
 
 def prepare_client(bb, c: data.ClientData, device, max_length=None, log=print, mode="memory", max_mb=1024.0):
@@ -51,8 +84,12 @@ def prepare_client(bb, c: data.ClientData, device, max_length=None, log=print, m
     file is read here, before any training: an unreadable one is a DataError naming the client, the
     record and the file. mode / max_mb: where H_v lives (module docstring)."""
     where = f"client {c.name or c.id}"
-    train, test = [bb.encode(s, max_length) for s in c.train], [bb.encode(s, max_length) for s in c.test]
-    cut = sum(t for _, _, t in train + test)
+    train, test, cut = Tokens(), Tokens(), 0
+    for items, samples in ((train, c.train), (test, c.test)):
+        for s in samples:
+            p, a, truncated = bb.encode(s, max_length)
+            items.append(p, a)
+            cut += truncated
     if cut:
         log(f"warning: {where}: {cut} of {len(train) + len(test)} samples longer than "
             f"{max_length} tokens had their instruction truncated (answers are kept whole)")
@@ -61,8 +98,7 @@ def prepare_client(bb, c: data.ClientData, device, max_length=None, log=print, m
         h_train, h_test = cached(bb, c, device, log)
     else:
         h_train, h_test = (torch.cat(list(encode(bb, s, device, where))) for s in (c.train, c.test))
-    return ClientTensors(c.id, c.task, h_train, [(p, a) for p, a, _ in train],
-                         h_test, [(p, a) for p, a, _ in test], c.test)
+    return ClientTensors(c.id, c.task, h_train, train, h_test, test, c.test)
 
 
 def encode(bb, samples, device, where=""):

@@ -455,8 +455,9 @@ def pooled_client(cts, cfg: Config):
     """Centralized: one client holding the union of every client's training data, with the
     federation's total number of steps per round (K x --local-steps; with whole epochs, an epoch
     of the union). Its task is "all"; it is evaluated on each client's own test set."""
-    return (features.ClientTensors(-1, "all", torch.cat([ct.h_train for ct in cts]), [i for ct in cts for i in ct.items_train],
-                          cts[0].h_test[:0], [], []),
+    return (features.ClientTensors(-1, "all", torch.cat([ct.h_train for ct in cts]),
+                                   features.Tokens(i for ct in cts for i in ct.items_train),
+                                   cts[0].h_test[:0], features.Tokens(), []),
             replace(cfg, local_steps=cfg.local_steps * len(cts)))
 
 
@@ -525,8 +526,9 @@ def run(cfg: Config, log=print):
     n = [len(c.train) for c in clients]
     cts = [features.prepare_client(bb, c, cfg.device, cfg.max_length, log, cfg.features, cfg.features_max_mb)
            for c in clients]
+    del clients     # the training samples are encoded in cts: their text and images need no memory now
     injected = faults.parse_faults(cfg.faults)
-    log(f"scenario {cfg.scenario}, method {cfg.method}, seed {cfg.seed}: {len(clients)} clients, "
+    log(f"scenario {cfg.scenario}, method {cfg.method}, seed {cfg.seed}: {len(cts)} clients, "
         f"tasks {tasks}, train sizes {n}")
 
     communicates = method.text_agg != "none"   # Local sends and receives nothing
@@ -622,7 +624,7 @@ def run(cfg: Config, log=print):
            "ata": ata_log, "config": asdict(cfg)}
     out.mkdir(parents=True, exist_ok=True)
     for k in range(len(cts)):
-        report.save_client_state(out, clients[k].id, downloads[k], private[k])
+        report.save_client_state(out, cts[k].id, downloads[k], private[k])
     return report.write_results(out, res, log)
 
 

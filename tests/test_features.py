@@ -30,6 +30,9 @@ def test_disk_cache_holds_the_same_features_and_is_read_back_without_encoding(sm
     assert len(list(cache.glob("*.safetensors"))) == 1 and any("encoding 73 images" in s for s in said)
     assert torch.equal(mem.h_train, disk.h_train) and torch.equal(mem.h_test, disk.h_test)
     assert disk.h_train.shape == (70, bb.n_image_tokens, bb.dims[0])
+    # the text is what the backbone encodes, sample by sample, in order
+    assert list(mem.items_train) == [tuple(bb.encode(s)[:2]) for s in c.train]
+    assert list(disk.items_test) == [tuple(bb.encode(s)[:2]) for s in c.test]
     # a second preparation reads the file: the vision tower is not run again
     monkeypatch.setattr(features, "encode", lambda *a: pytest.fail("encoded again despite a warm cache"))
     again = features.prepare_client(bb, c, "cpu", mode="disk", log=said.append)
@@ -98,3 +101,18 @@ def test_a_run_with_the_disk_cache_equals_one_in_memory(small_backbone_dir, cach
     for cid in (0, 2):
         read = lambda d: (tmp_path / d / f"predictions_client_{cid}.jsonl").read_text()
         assert read("disk") == read("mem")
+
+
+def test_tokens_hold_each_samples_prompt_and_answer_ids_exactly():
+    pairs = [([1, 5, 70000], [9, 2]), ([], [2]), ([3] * 40, [2**31 - 1, 2])]
+    t = features.Tokens(pairs)
+    assert len(t) == 3 and list(t) == pairs
+    assert t[-1] == pairs[2] and t[1] == ([], [2])
+    assert list(t[1:]) == pairs[1:] and list(t[::2]) == [pairs[0], pairs[2]]
+    with pytest.raises(IndexError):
+        t[3]
+    with pytest.raises(IndexError):
+        t[-4]
+    assert list(features.Tokens()) == []
+    with pytest.raises(OverflowError):      # an id past int32 is refused, not wrapped
+        features.Tokens([([2**31], [2])])

@@ -4,6 +4,7 @@ LLaVA checkpoint in Hugging Face format, loaded the same way; plus prompt encodi
 
     python backbone.py            # build (or find) the tiny backbone and print where it is cached
     python backbone.py --probe    # and how well it describes and locates one object on held-out images
+    python backbone.py --probe-features   # what its frozen image features H_v carry, read by small probes
 
 The tiny backbone is a real LlavaForConditionalGeneration (a small CLIP vision tower, a small Llama,
 the LLaVA-1.5 two-layer projector), a word-level PreTrainedTokenizerFast over the synthetic world's
@@ -285,13 +286,79 @@ def probe(bb, n=3000, seed=7):
             "centre_l1_error": sum(err) / len(err), "centre_l1_error_guessing_the_middle": sum(guess) / len(guess)}
 
 
+def _fit_probe(x, y, classes=0, epochs=60, seed=0):
+    """A probe trained on the first 3/4 of (x, y), scored on the rest: ridge regression (classes 0,
+    returns the held-out predictions) or a one-hidden-layer MLP classifier (returns held-out
+    accuracy). Features are standardised with the training part's statistics."""
+    n = len(x) * 3 // 4
+    x = x.flatten(1)
+    x = (x - x[:n].mean(0)) / (x[:n].std(0) + 1e-6)
+    if not classes:
+        a = torch.cat([x, torch.ones(len(x), 1)], 1)
+        w = torch.linalg.solve(a[:n].T @ a[:n] + 10.0 * torch.eye(a.shape[1]), a[:n].T @ y[:n])
+        return a[n:] @ w
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 256), torch.nn.GELU(), torch.nn.Linear(256, classes))
+    opt = torch.optim.AdamW(net.parameters(), 1e-3, weight_decay=0.01)
+    for _ in range(epochs):
+        for idx in torch.randperm(n).split(128):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+            opt.step()
+    with torch.no_grad():
+        return float((net(x[n:]).argmax(1) == y[n:]).float().mean())
+
+
+def probe_features(bb, n=4000, seed=5):
+    """What the frozen H_v of images in a client's domain carry, read by probes trained on them
+    (3/4 train, 1/4 held out), independent of the connector, the LLM and their tuning:
+    - one digit of the benchmark's text-reading glyph size (3x5 font, 1.5 px a dot): its identity
+      by an MLP probe, the digit drawn at one fixed place, or anywhere as in the benchmark (chance 0.10);
+    - one object: its box by a linear probe, scored as grounding is (IoU >= 0.5), with exact
+      coordinates and snapped outward to a 4 x 4 grid (the vision tower's patch grid), beside the
+      share a constant box scores. A probe reads what a connector and LLM could at best learn to."""
+    g = torch.Generator().manual_seed(seed)
+    domain = data.client_domain(g)
+    feats = lambda imgs: torch.cat([pilot.image_features(bb.model, bb.pixels(imgs[i:i + 256]))
+                                    for i in range(0, len(imgs), 256)])
+    out = {"images_per_probe": n}
+    for where in ("fixed", "anywhere"):
+        imgs, ys = [], []
+        for _ in range(n):
+            digit, px = data._randint(g, 0, 9), 1.5
+            x0, y0 = (12.0, 12.0) if where == "fixed" else (
+                float(torch.rand(1, generator=g)) * (data.IMAGE_SIZE - 3 * px),
+                float(torch.rand(1, generator=g)) * (data.IMAGE_SIZE - 5 * px))
+            imgs.append(data.render(g, domain, [], (str(digit), data._choice(g, list(data.COLOURS)), x0, y0, px)))
+            ys.append(digit)
+        with torch.no_grad():
+            h = feats(imgs)
+        out[f"digit_accuracy_{where}"] = round(_fit_probe(h, torch.tensor(ys), classes=10), 3)
+    objs = [data.random_scene(g, domain, 1)[0] for _ in range(n)]
+    with torch.no_grad():
+        h = feats([data.render(g, domain, [o]) for o in objs])
+    boxes = torch.tensor([o.box for o in objs])
+    snap = lambda b: torch.cat([(b[:, :2] * 4).floor(), (b[:, 2:] * 4).ceil()], 1) / 4
+    iou50 = lambda p, t: sum(data.iou(a, b) >= 0.5 for a, b in zip(p.tolist(), t.tolist())) / len(t)
+    for name, target, fmt in (("exact", boxes, lambda b: b), ("grid4", snap(boxes), lambda b: (b * 4).round() / 4)):
+        pred, truth = fmt(_fit_probe(h, target)), target[len(target) * 3 // 4:]
+        mean_box = fmt(target[:len(target) * 3 // 4].mean(0, keepdim=True)).expand_as(truth)
+        out[f"box_iou50_{name}"] = round(iou50(pred, truth), 3)
+        out[f"box_iou50_{name}_constant_box"] = round(iou50(mean_box, truth), 3)
+    return out
+
+
 if __name__ == "__main__":
     import argparse
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     ap = argparse.ArgumentParser(description="Build (or find) the tiny backbone; print its directory.")
     ap.add_argument("--probe", action="store_true", help="also measure what it describes and locates (probe())")
+    ap.add_argument("--probe-features", action="store_true", help="also measure what its frozen image features carry (probe_features())")
+    a = ap.parse_args()
     path = tiny_backbone_dir()
     print(path)
-    if ap.parse_args().probe:
+    if a.probe:
         print(json.dumps(probe(load_backbone(str(path), log=lambda *a: None)), indent=1))
+    if a.probe_features:
+        print(json.dumps(probe_features(load_backbone(str(path), log=lambda *a: None)), indent=1))

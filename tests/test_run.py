@@ -105,3 +105,16 @@ def test_backbone_probe_reports_its_own_baseline_exactly(small_backbone_dir):
     assert r["images"] == len(one) > 10
     assert abs(r["centre_l1_error_guessing_the_middle"] - sum(abs(x - 0.5) + abs(y - 0.5) for x, y in centres) / len(one)) < 1e-12
     assert 0 <= r["object_words_right"] <= 1 and 0 <= r["centre_l1_error"] <= 2
+
+
+def test_feature_probes_read_what_is_there_and_only_what_is_held_out():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 4, 5, generator=g)
+    w = torch.randn(20, 2, generator=g)
+    y = x.flatten(1) @ w + 3.0
+    pred = backbone._fit_probe(x, y)          # ridge: predictions for the held-out quarter only
+    held = y[300:]
+    assert pred.shape == (100, 2) and (pred - held).norm() < 0.1 * (held - held.mean(0)).norm()   # ridge shrinks a little
+    labels = (x[:, 0, 0] > 0).long() + 2 * (x[:, 1, 2] > 0).long()   # four separable classes
+    assert backbone._fit_probe(x, labels, classes=4) > 0.9
+    assert backbone._fit_probe(x, torch.randint(0, 4, (400,), generator=g), classes=4) < 0.45  # noise: near chance

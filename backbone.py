@@ -338,7 +338,7 @@ def probe_features(bb, n=4000, seed=5):
     with torch.no_grad():
         h = feats([data.render(g, domain, [o]) for o in objs])
     boxes = torch.tensor([o.box for o in objs])
-    snap = lambda b: torch.cat([(b[:, :2] * 4).floor(), (b[:, 2:] * 4).ceil()], 1) / 4
+    snap = lambda b: torch.tensor([data.grid_box(x, 4) for x in b.tolist()])
     iou50 = lambda p, t: sum(data.iou(a, b) >= 0.5 for a, b in zip(p.tolist(), t.tolist())) / len(t)
     for name, target, fmt in (("exact", boxes, lambda b: b), ("grid4", snap(boxes), lambda b: (b * 4).round() / 4)):
         pred, truth = fmt(_fit_probe(h, target)), target[len(target) * 3 // 4:]
@@ -355,10 +355,10 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Build (or find) the tiny backbone; print its directory.")
     ap.add_argument("--probe", action="store_true", help="also measure what it describes and locates (probe())")
     ap.add_argument("--probe-features", action="store_true", help="also measure what its frozen image features carry (probe_features())")
-    a = ap.parse_args()
+    args = ap.parse_args()
     path = tiny_backbone_dir()
     print(path)
-    if a.probe:
+    if args.probe:
         print(json.dumps(probe(load_backbone(str(path), log=lambda *a: None)), indent=1))
-    if a.probe_features:
+    if args.probe_features:
         print(json.dumps(probe_features(load_backbone(str(path), log=lambda *a: None)), indent=1))

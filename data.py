@@ -61,6 +61,43 @@ DIGIT_FONT = {  # 3x5 pixel font, rows top to bottom
     "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
     "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001010010010",
     "8": "111101111101111", "9": "111101111001111"}
+# The answer formats and rendering of the two hardest tasks: the calibration's knobs (README,
+# "Calibration"; run.py --formats), at the benchmark's values. box_grid 0: box coordinates with one
+# decimal; q > 0: the box snapped outward to a q x q grid (two decimals). ocr_place "anywhere" or
+# "centre": where the number is drawn; ocr_digits: its length range; ocr_dot_px 0: 1.5 px a font dot
+# up to 3 digits, 1.25 px for 4, else that size.
+FORMATS = dict(box_grid=0, ocr_place="anywhere", ocr_digits=(2, 4), ocr_dot_px=0.0)
+
+
+def parse_formats(text: str) -> dict:
+    """'box_grid=4,ocr_place=centre,ocr_digits=1-2,ocr_dot_px=2' -> FORMATS with those values."""
+    out = dict(FORMATS)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, value = part.partition("=")
+        try:
+            if key == "box_grid":
+                out[key] = int(value)
+                ok = out[key] >= 0
+            elif key == "ocr_place":
+                out[key], ok = value, value in ("anywhere", "centre")
+            elif key == "ocr_digits":
+                lo, _, hi = value.partition("-")
+                out[key] = (int(lo), int(hi or lo))
+                ok = 1 <= out[key][0] <= out[key][1] <= 4
+            elif key == "ocr_dot_px":
+                out[key] = float(value)
+                ok = 0 <= out[key] <= 2.5
+            else:
+                raise ValueError(f"unknown format {key!r}; expected one of {sorted(FORMATS)}")
+        except ValueError as e:
+            raise ValueError(str(e) if "unknown format" in str(e) else f"format {part!r}: not a valid value") from None
+        if not ok:
+            raise ValueError(f"format {part!r}: out of range (box_grid >= 0, ocr_place anywhere|centre, "
+                             f"ocr_digits 1-4, ocr_dot_px 0-2.5)")
+    px, longest = out["ocr_dot_px"], out["ocr_digits"][1]
+    if (4 * longest - 1) * px > IMAGE_SIZE:
+        raise ValueError(f"formats: {longest} digits of {px} px dots are wider than the {IMAGE_SIZE}-pixel image")
+    return out
 TASKS = ("caption", "vqa", "grounding", "ocr")
 METRICS = {"caption": "cider", "vqa": "vqa_acc", "grounding": "acc_iou50", "ocr": "vqa_acc"}
 
@@ -202,8 +239,15 @@ def caption_text(objs):
     return " left of ".join(f"a {o.size} {_phrase(o)}" for o in sorted(objs, key=lambda o: o.cx))
 
 
-def box_text(box):
-    return "[" + ", ".join(f"{v:.1f}" for v in box) + "]"
+def box_text(box, decimals=1):
+    return "[" + ", ".join(f"{v:.{decimals}f}" for v in box) + "]"
+
+
+def grid_box(box, q):
+    """A normalised box snapped outward to a q x q grid: the grid cells it touches."""
+    eps = 1e-9     # a side already on the grid stays there
+    return [math.floor(box[0] * q + eps) / q, math.floor(box[1] * q + eps) / q,
+            math.ceil(box[2] * q - eps) / q, math.ceil(box[3] * q - eps) / q]
 
 
 def _vqa(g, objs):
@@ -223,14 +267,18 @@ def _vqa(g, objs):
             return f"is the {_phrase(o)} left of the {_phrase(p)}?", "yes" if o.cx < p.cx else "no"
 
 
-def make_sample(g, task, domain):
+def make_sample(g, task, domain, formats=FORMATS):
+    """One sample of `task` in `domain`; formats: the hardest tasks' formats (FORMATS)."""
     if task == "ocr":
         objs = random_scene(g, domain, _randint(g, 0, 1))
-        digits = "".join(str(_randint(g, 0, 9)) for _ in range(_randint(g, 2, 4)))
-        px = 1.5 if len(digits) <= 3 else 1.25
+        digits = "".join(str(_randint(g, 0, 9)) for _ in range(_randint(g, *formats["ocr_digits"])))
+        px = formats["ocr_dot_px"] or (1.5 if len(digits) <= 3 else 1.25)
         width, height = (4 * len(digits) - 1) * px, 5 * px
-        x0 = float(torch.rand(1, generator=g)) * (IMAGE_SIZE - width)
-        y0 = float(torch.rand(1, generator=g)) * (IMAGE_SIZE - height)
+        if formats["ocr_place"] == "centre":
+            x0, y0 = (IMAGE_SIZE - width) / 2, (IMAGE_SIZE - height) / 2
+        else:
+            x0 = float(torch.rand(1, generator=g)) * (IMAGE_SIZE - width)
+            y0 = float(torch.rand(1, generator=g)) * (IMAGE_SIZE - height)
         colour = _choice(g, list(COLOURS))
         image = render(g, domain, objs, (digits, colour, x0, y0, px))
         return Sample(image, "what number is written?", digits, task)
@@ -243,7 +291,8 @@ def make_sample(g, task, domain):
         return Sample(image, q, a, task)
     if task == "grounding":
         o = _choice(g, objs)
-        return Sample(image, f"where is the {_phrase(o)}?", box_text(o.box), task, extra={"box": o.box})
+        box = grid_box(o.box, formats["box_grid"]) if formats["box_grid"] else o.box
+        return Sample(image, f"where is the {_phrase(o)}?", box_text(box, 2 if formats["box_grid"] else 1), task)
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
@@ -314,8 +363,8 @@ class ClientData:
     name: str = ""
 
 
-def make_scenario(name, seed, limit_clients=None, n_train=None, n_test=None):
-    """Every client's train and test samples, deterministic in (name, seed).
+def make_scenario(name, seed, limit_clients=None, n_train=None, n_test=None, formats=FORMATS):
+    """Every client's train and test samples, deterministic in (name, seed, formats).
 
     limit_clients / n_train / n_test shrink the scenario (tests, quick runs); a client's samples do
     not depend on how many other clients are kept."""
@@ -329,7 +378,7 @@ def make_scenario(name, seed, limit_clients=None, n_train=None, n_test=None):
         g = torch.Generator().manual_seed(1_000_003 * seed + 7919 * k + ord(name))
         domain = client_domain(g)
         ntr, nte = n_train or spec.n_train, n_test or spec.n_test
-        samples = [make_sample(g, spec.task, domain) for _ in range(ntr + nte)]
+        samples = [make_sample(g, spec.task, domain, formats) for _ in range(ntr + nte)]
         for i, s in enumerate(samples):
             s.id = f"c{k}-{i}"
         clients.append(ClientData(k, spec.task, samples[:ntr], samples[ntr:], domain))

@@ -81,6 +81,7 @@ class Config:
     features: str = "auto"      # where H_v lives: "memory", "disk" (cache file, memory-mapped), "auto" (features.py)
     features_max_mb: float = 1024.0   # "auto": a client's H_v above this many MB goes to the disk cache
     data: str = ""              # a scenario manifest of LLaVA-format data (default: synthetic scenario)
+    formats: str = ""           # synthetic data: the hardest tasks' formats, e.g. "box_grid=4" (data.FORMATS)
     eval_batch_size: int = 50
     mu: float = 0.01            # FedProx's μ
     eval_every_round: bool = False
@@ -385,7 +386,8 @@ def load_clients(cfg: Config):
     if cfg.data:
         name, clients = data.load_manifest(cfg.data, keep=cfg.clients)
         return replace(cfg, scenario=name), clients
-    return cfg, data.make_scenario(cfg.scenario, cfg.seed, cfg.clients, cfg.n_train, cfg.n_test)
+    return cfg, data.make_scenario(cfg.scenario, cfg.seed, cfg.clients, cfg.n_train, cfg.n_test,
+                                   data.parse_formats(cfg.formats))
 
 
 def stage_of(cfg: Config, r):
@@ -471,7 +473,7 @@ def as_download_of(task, pooled_download):
 # the settings a --resume must share with the run it continues
 RESUME_KEYS = ("scenario", "method", "backbone", "seed", "rounds_stage1", "rounds_stage2", "local_steps", "local_epochs", "top_m",
                "lr_stage1", "lr_stage2", "batch_size", "lora_r", "lora_alpha", "lora_targets", "dtype", "grad_accum",
-               "clients", "n_train", "n_test", "data", "mu", "faults", "norm_screen", "max_length",
+               "clients", "n_train", "n_test", "data", "formats", "mu", "faults", "norm_screen", "max_length",
                "lambda_d", "lambda_b", "lambda_z", "grad_clip", "warmup_ratio")
 
 
@@ -681,6 +683,8 @@ def parse_args(argv=None):
     ap.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 16 tiny, 128 real)")
     ap.add_argument("--lora-targets", default=d.lora_targets, help="comma-separated names of the LLM's linear layers to adapt")
     ap.add_argument("--data", default=d.data, help="scenario manifest of LLaVA-format data (default: the synthetic scenario)")
+    ap.add_argument("--formats", default=d.formats, help="synthetic data: grounding's and text reading's formats, "
+                    "e.g. box_grid=4,ocr_place=centre,ocr_digits=1-2,ocr_dot_px=2 (data.FORMATS; default: the benchmark's)")
     ap.add_argument("--dtype", default=d.dtype, choices=list(DTYPES), help="dtype of the frozen weights")
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the LLM")
     ap.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimiser step")
@@ -726,7 +730,8 @@ def federation_size(cfg: Config):
     if cfg.clients is not None:
         return len(cfg.clients)
     if cfg.data:
-        return len(json.loads(Path(cfg.data).read_text()).get("clients", []))
+        manifest = data._read_json(cfg.data)    # a DataError naming the file when it is not JSON
+        return len(manifest.get("clients", [])) if isinstance(manifest, dict) else 0
     return len(data.SCENARIOS[cfg.scenario])
 
 
@@ -745,8 +750,11 @@ def check_config(cfg: Config):
             raise ValueError(f"--backbone {cfg.backbone}: not a LLaVA checkpoint (no config.json with model_type 'llava')")
     try:
         faults.parse_faults(cfg.faults)
+        data.parse_formats(cfg.formats)
     except ValueError as e:
         raise ValueError(str(e)) from None
+    if cfg.formats and cfg.data:
+        raise ValueError("--formats: shapes the synthetic scenarios only, not --data")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,31 @@ def test_box_parsing_iou_and_grounding_accuracy():
     assert data.grounding_accuracy("[0.5, 0.5, 0.1, 0.1]", ref) == 0.0            # degenerate box
 
 
+def test_grid_boxes_and_the_calibration_formats(monkeypatch):
+    assert data.grid_box([0.30, 0.05, 0.55, 0.50], 4) == [0.25, 0.0, 0.75, 0.5]   # a side on the grid stays
+    assert data.box_text(data.grid_box([0.30, 0.05, 0.55, 0.50], 4), 2) == "[0.25, 0.00, 0.75, 0.50]"
+    assert data.box_text([0.31, 0.05, 0.55, 0.5]) == "[0.3, 0.1, 0.6, 0.5]"    # the benchmark's format
+    assert data.parse_formats("") == data.FORMATS
+    f = data.parse_formats("box_grid=4, ocr_place=centre,ocr_digits=1,ocr_dot_px=2")
+    assert f == {"box_grid": 4, "ocr_place": "centre", "ocr_digits": (1, 1), "ocr_dot_px": 2.0}
+    assert data.parse_formats("ocr_digits=1-3")["ocr_digits"] == (1, 3)
+    for bad, why in (("box_grid=1.5", "not a valid value"), ("ocr_place=top", "out of range"),
+                     ("ocr_digits=3-2", "out of range"), ("ocr_digits=4,ocr_dot_px=2.5", "wider than"),
+                     ("font=big", "unknown format")):
+        with pytest.raises(ValueError, match=why):
+            data.parse_formats(bad)
+    s = data.make_sample(torch.Generator().manual_seed(3), "grounding", data.NEUTRAL, f)
+    assert all(v * 4 == round(v * 4) for v in data.parse_box(s.answer)) and len(s.answer.split(", ")[0]) == 5
+    monkeypatch.setattr(data, "random_scene", lambda g, domain, n: [])   # the number alone in the image
+    a = [data.make_sample(torch.Generator().manual_seed(k), "ocr", data.Domain(), f) for k in range(6)]
+    assert all(len(x.answer) == 1 for x in a)
+    # the digit sits in the middle: a 3 x 5 glyph of 2 px dots covers columns 13-18 and rows 11-20
+    for x in a:
+        ink = (x.image - x.image[:, :1, :1]).abs().sum(0) > 0.05
+        cols, rows = ink.any(0).nonzero().flatten(), ink.any(1).nonzero().flatten()
+        assert cols.min() >= 13 and cols.max() <= 18 and rows.min() >= 11 and rows.max() <= 20
+
+
 def test_scores_in_percent_units():
     samples = [data.Sample(torch.zeros(3, 2, 2), "q", a, "vqa") for a in ("red", "two")]
     assert data.score("vqa", ["red", "3"], samples) == 50.0

@@ -201,6 +201,9 @@ def test_peak_memory_does_not_grow_with_the_clients_trained(small_backbone_dir, 
     (["--top-m", "6"], "--top-m 6: must be at least 1 and below the number of clients (6)"),
     (["--out", "/nonexistent-parent/x"], "the parent directory /nonexistent-parent does not exist"),
     (["--backbone", "BACKBONE_DIR"], "not a LLaVA checkpoint"),
+    (["--formats", "box_grid=-1"], "format 'box_grid=-1': out of range"),
+    (["--formats", "ocr_font=big"], "unknown format 'ocr_font'"),
+    (["--data", "README.md"], "README.md: not valid JSON"),
 ])
 def test_bad_command_lines_fail_in_one_line_with_exit_2(tmp_path, args, message):
     (tmp_path / "notllava").mkdir()

@@ -10,7 +10,9 @@ until any method wins:
   captioning ("a large red circle left of a small blue square"), VQA about colour, shape, size,
   count and left/right relations (one-word answers), grounding (referring expression -> normalised
   box "[x1, y1, x2, y2]" with one decimal) and, in Scenario B, text reading (a 2-4 digit string
-  drawn with a hand-made 3x5 pixel font).
+  drawn with a hand-made 3x5 pixel font). These two formats are calibration knobs (FORMATS,
+  run.py --formats: boxes on a coarse grid, a number of fewer digits, larger, in the centre); the
+  benchmark uses the defaults.
 - client heterogeneity: each client draws its own visual domain (background level and tint, a
   background gradient, a palette shift of the object colours, pixel noise, object scale), so
   client-specific visual features matter.

@@ -76,30 +76,25 @@ def parse_formats(text: str) -> dict:
     out = dict(FORMATS)
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, _, value = part.partition("=")
+        if key not in FORMATS:
+            raise ValueError(f"unknown format {key!r}; expected one of {sorted(FORMATS)}")
         try:
-            if key == "box_grid":
-                out[key] = int(value)
-                ok = out[key] >= 0
-            elif key == "ocr_place":
-                out[key], ok = value, value in ("anywhere", "centre")
-            elif key == "ocr_digits":
-                lo, _, hi = value.partition("-")
-                out[key] = (int(lo), int(hi or lo))
-                ok = 1 <= out[key][0] <= out[key][1] <= 4
-            elif key == "ocr_dot_px":
-                out[key] = float(value)
-                ok = 0 <= out[key] <= 2.5
-            else:
-                raise ValueError(f"unknown format {key!r}; expected one of {sorted(FORMATS)}")
-        except ValueError as e:
-            raise ValueError(str(e) if "unknown format" in str(e) else f"format {part!r}: not a valid value") from None
-        if not ok:
+            lo, _, hi = value.partition("-")
+            out[key] = {"box_grid": int, "ocr_place": str, "ocr_dot_px": float,
+                        "ocr_digits": lambda v: (int(lo), int(hi or lo))}[key](value)
+        except ValueError:
+            raise ValueError(f"format {part!r}: not a valid value") from None
+        ok = {"box_grid": lambda v: v >= 0, "ocr_place": lambda v: v in ("anywhere", "centre"),
+              "ocr_digits": lambda v: 1 <= v[0] <= v[1] <= 4, "ocr_dot_px": lambda v: 0 <= v <= 2.5}[key]
+        if not ok(out[key]):
             raise ValueError(f"format {part!r}: out of range (box_grid >= 0, ocr_place anywhere|centre, "
                              f"ocr_digits 1-4, ocr_dot_px 0-2.5)")
     px, longest = out["ocr_dot_px"], out["ocr_digits"][1]
     if (4 * longest - 1) * px > IMAGE_SIZE:
         raise ValueError(f"formats: {longest} digits of {px} px dots are wider than the {IMAGE_SIZE}-pixel image")
     return out
+
+
 TASKS = ("caption", "vqa", "grounding", "ocr")
 METRICS = {"caption": "cider", "vqa": "vqa_acc", "grounding": "acc_iou50", "ocr": "vqa_acc"}
 

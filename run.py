@@ -481,11 +481,14 @@ def resume_from(out: Path, cfg: Config):
     """(meta, groups) of the run checkpointed in out, after checking that it was started with cfg's
     settings (RESUME_KEYS); CheckpointError naming each setting that differs."""
     meta = checkpoint.read_meta(out)
-    differ = [k for k in RESUME_KEYS if meta["config"].get(k) != asdict(cfg).get(k)]
+    # a setting the checkpoint predates (absent from its config) had its default value then
+    default, now = asdict(Config(backbone=cfg.backbone)), asdict(cfg)
+    saved = {k: meta["config"].get(k, default.get(k)) for k in RESUME_KEYS}
+    differ = [k for k in RESUME_KEYS if saved[k] != now.get(k)]
     if differ:
         raise checkpoint.CheckpointError(
             f"--resume: the run in {out} was started with other settings: " +
-            ", ".join(f"{k} (saved {meta['config'].get(k)!r}, now {asdict(cfg).get(k)!r})" for k in differ))
+            ", ".join(f"{k} (saved {saved[k]!r}, now {now.get(k)!r})" for k in differ))
     return checkpoint.load(out)
 
 

@@ -163,7 +163,13 @@ def test_resume_refuses_other_settings_and_corrupted_checkpoints(small_backbone_
     run.run(cfg, log=lambda *a: None)
     with pytest.raises(checkpoint.CheckpointError, match=r"other settings: method \(saved 'pilot', now 'fedavg'\), seed \(saved 0, now 1\)"):
         run.run(run.Config(**{**cfg.__dict__, "seed": 1, "method": "fedavg", "resume": True}), log=lambda *a: None)
+    # a checkpoint older than a setting (no 'formats' in its config) is read as having its default
     meta = json.loads((out / "state.json").read_text())
+    del meta["config"]["formats"]
+    (out / "state.json").write_text(json.dumps(meta))
+    assert run.resume_from(out, cfg)[0]["config"] == meta["config"]
+    with pytest.raises(checkpoint.CheckpointError, match=r"formats \(saved '', now 'box_grid=4'\)"):
+        run.resume_from(out, run.Config(**{**cfg.__dict__, "formats": "box_grid=4"}))
     tensors = out / meta["tensors"]
     tensors.write_bytes(tensors.read_bytes()[:-10])                   # truncated
     with pytest.raises(checkpoint.CheckpointError, match="corrupted or truncated"):

@@ -164,11 +164,11 @@ def _place(g, objs, r, S=IMAGE_SIZE, tries=60):
     return None
 
 
-def random_scene(g, domain, n_objects):
+def random_scene(g, domain, n_objects, colours=tuple(COLOURS), shapes=SHAPES):
     """n distinct (colour, shape) objects, placed without overlap."""
     objs, used = [], set()
     while len(objs) < n_objects:
-        colour, shape, size = _choice(g, list(COLOURS)), _choice(g, SHAPES), _choice(g, list(SIZES))
+        colour, shape, size = _choice(g, list(colours)), _choice(g, shapes), _choice(g, list(SIZES))
         if (colour, shape) in used:
             continue
         lo, hi = SIZES[size]
@@ -293,25 +293,27 @@ def make_sample(g, task, domain, formats=FORMATS):
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
-def pretraining_corpus(n, seed):
+def pretraining_corpus(n, seed, colours=tuple(COLOURS), shapes=SHAPES):
     """The neutral 'describe the objects' alignment set the tiny backbone is pretrained on. Each
     description lists objects as '<size> <colour> <shape> at <x>, <y>' (centre, two decimals); the
     instruction asks for all objects, or those of one colour, or of one shape ('none' when there is
     none), so that the LLM learns to read the instruction as well as the image. Some images carry a
-    number ('text 472 at ...'), so that digits mean something to the backbone too."""
+    number ('text 472 at ...'), so that digits mean something to the backbone too. colours / shapes:
+    the only ones drawn (a calibration variant; every one by default). Each sample's extra holds
+    what is drawn ('objects', 'text'), for the backbone's dense vision targets."""
     g = torch.Generator().manual_seed(10_000 + seed)
     at = lambda cx, cy: f"at {cx / IMAGE_SIZE:.2f}, {cy / IMAGE_SIZE:.2f}"
     out = []
     for i in range(n):
-        objs = random_scene(g, NEUTRAL, _randint(g, 1, 3))
+        objs = random_scene(g, NEUTRAL, _randint(g, 1, 3), colours, shapes)
         kind = _randint(g, 0, 2)
         if kind == 0:
             q, keep = "describe the objects.", objs
         elif kind == 1:
-            colour = _choice(g, list(COLOURS))
+            colour = _choice(g, list(colours))
             q, keep = f"describe the {colour} objects.", [o for o in objs if o.colour == colour]
         else:
-            shape = _choice(g, SHAPES)
+            shape = _choice(g, shapes)
             q, keep = f"describe the {shape} objects.", [o for o in objs if o.shape == shape]
         parts = [f"{o.size} {_phrase(o)} {at(o.cx, o.cy)}" for o in sorted(keep, key=lambda o: o.cx)]
         text = None
@@ -320,9 +322,10 @@ def pretraining_corpus(n, seed):
             w = (4 * len(digits) - 1) * 1.5
             x0 = float(torch.rand(1, generator=g)) * (IMAGE_SIZE - w)
             y0 = float(torch.rand(1, generator=g)) * (IMAGE_SIZE - 7.5)
-            text = (digits, _choice(g, list(COLOURS)), x0, y0, 1.5)
+            text = (digits, _choice(g, list(colours)), x0, y0, 1.5)
             parts.append(f"text {digits} {at(x0 + w / 2, y0 + 3.75)}")
-        out.append(Sample(render(g, NEUTRAL, objs, text), q, " ; ".join(parts) or "none", "describe", id=f"pre{i}"))
+        out.append(Sample(render(g, NEUTRAL, objs, text), q, " ; ".join(parts) or "none", "describe", id=f"pre{i}",
+                          extra={"objects": objs, "text": text}))   # what is drawn: backbone's dense targets
     return out
 
 

@@ -118,3 +118,14 @@ def test_feature_probes_read_what_is_there_and_only_what_is_held_out():
     labels = (x[:, 0, 0] > 0).long() + 2 * (x[:, 1, 2] > 0).long()   # four separable classes
     assert backbone._fit_probe(x, labels, classes=4) > 0.9
     assert backbone._fit_probe(x, torch.randint(0, 4, (400,), generator=g), classes=4) < 0.45  # noise: near chance
+
+
+def test_dense_targets_put_each_object_and_digit_in_the_patch_of_its_centre():
+    objs = [data.Obj("red", "circle", "small", 4.0, 20.0, 3.0), data.Obj("blue", "cross", "large", 5.0, 21.0, 6.0)]
+    s = data.Sample(None, "", "", "describe", extra={"objects": objs, "text": ("12", "green", 16.0, 0.0, 2.0)})
+    cls, geo, digit = backbone.dense_targets(s, grid=4)       # 8-pixel patches, row-major
+    assert cls.shape == (16, 3) and geo.shape == (16, 3)
+    assert cls[8].tolist() == [0, 0, 0]                       # red, circle, small in patch (x 0, y 2); first wins
+    assert torch.allclose(geo[8], torch.tensor([0.5, 0.5, 0.375]))
+    assert (cls[torch.arange(16) != 8] == -1).all() and (geo[torch.arange(16) != 8] == 0).all()
+    assert digit.tolist() == [-1, -1, 1, 2] + [-1] * 12        # digit centres at x 19 and 27, y 5

@@ -163,14 +163,16 @@ def pretrain_vision(model, corpus, pixels, log=print):
     sched = cosine_schedule(opt, p["vision_steps"], p["warmup"])
     g = torch.Generator().manual_seed(p["seed"] + 1)
     tower.train()
-    ce = lambda logits, y: torch.nn.functional.cross_entropy(logits[y >= 0], y[y >= 0]) if (y >= 0).any() else logits.sum() * 0
+    def ce(logits, y):   # cross-entropy over the patches that have a target (shape, size: -1 where no object)
+        return torch.nn.functional.cross_entropy(logits[y >= 0], y[y >= 0]) if (y >= 0).any() else logits.sum() * 0
     for step in range(p["vision_steps"]):
         idx = torch.randint(len(corpus), (p["batch_size"],), generator=g)
         out = head(pilot.image_features(model, pixels[idx], grad=True))     # [B, grid*grid, heads]
         c, y, gt, d = out.flatten(0, 1), cls[idx].flatten(0, 1), geo[idx].flatten(0, 1), digit[idx].flatten(0, 1)
         parts = c[:, :sum(sizes)].split(sizes, 1)
-        has = y[:, 0] < len(data.COLOURS)
+        has = y[:, 0] < len(data.COLOURS)   # never empty: every pretraining image has an object
         loss = sum(ce(part, y[:, j]) for j, part in enumerate(parts)) + ce(c[:, -11:], d)
+        # x10: the geometry (patch units) errs by tenths, so its squared error would count for little
         loss = loss + torch.nn.functional.mse_loss(c[has, sum(sizes):sum(sizes) + 3], gt[has]) * 10
         opt.zero_grad(set_to_none=True)
         loss.backward()

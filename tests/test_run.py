@@ -129,3 +129,17 @@ def test_dense_targets_put_each_object_and_digit_in_the_patch_of_its_centre():
     assert torch.allclose(geo[8], torch.tensor([0.5, 0.5, 0.375]))
     assert (cls[torch.arange(16) != 8] == -1).all() and (geo[torch.arange(16) != 8] == 0).all()
     assert digit.tolist() == [-1, -1, 1, 2] + [-1] * 12        # digit centres at x 19 and 27, y 5
+
+
+def test_vision_pretraining_trains_the_vision_tower_alone(monkeypatch):
+    monkeypatch.setitem(backbone.PRETRAIN, "vision_steps", 3)
+    tok, proc = backbone.tiny_tokenizer(), backbone.tiny_image_processor()
+    model = backbone.tiny_model(tok, seed=0)
+    bb = backbone.Backbone(model, tok, proc, "tiny", backbone.TINY_PROMPT)
+    corpus = data.pretraining_corpus(40, 0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    backbone.pretrain_vision(model, corpus, bb.pixels([s.image for s in corpus]), log=lambda *a: None)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("model.vision_tower.") for k in changed)
+    assert any("layers.1." in k for k in changed)       # the layer LLaVA reads (-2) and those below it,
+    assert not any("layers.2." in k for k in changed)   # not the last one, which nothing reads

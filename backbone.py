@@ -186,11 +186,12 @@ def pretrain_vision(model, corpus, pixels, log=print):
 def pretrain(bb, log=print):
     """Full-parameter training of the tiny LLaVA on the neutral describe-the-objects corpus."""
     p = PRETRAIN
-    if p.get("vision_steps"):   # every colour and shape, whatever the alignment below names
-        corpus = data.pretraining_corpus(p["n_samples"], p["seed"])
-        pretrain_vision(bb.model, corpus, bb.pixels([s.image for s in corpus]), log)
-    corpus = data.pretraining_corpus(p["n_samples"], p["seed"], **{k: p[k] for k in ("colours", "shapes") if k in p})
+    named = {k: p[k] for k in ("colours", "shapes") if k in p}
+    corpus = data.pretraining_corpus(p["n_samples"], p["seed"], **named)
     pixels = bb.pixels([s.image for s in corpus])
+    if p.get("vision_steps"):   # on every colour and shape, whatever the alignment below names
+        seen = data.pretraining_corpus(p["n_samples"], p["seed"]) if named else corpus
+        pretrain_vision(bb.model, seen, bb.pixels([s.image for s in seen]) if named else pixels, log)
     items = [bb.encode(s)[:2] for s in corpus]
     model = bb.model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=0.0)

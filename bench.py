@@ -149,11 +149,11 @@ def bench_aggregation(k, params, repeats):
     """ATA versus FedAvg for k clients whose text adapter has `params` parameters. ATA is timed in
     place, as the server runs it (the uploads become the downloads); repeating it on its own
     output is the same work."""
-    states, n = synthetic_uploads(k, params), list(range(1, k + 1))
-    t_avg = timeit(lambda: aggregate.fedavg(states, n), repeats)
-    t_ata = timeit(lambda: aggregate.adaptive_text(states, n, 3, inplace=True), repeats)
-    t_dist = timeit(lambda: aggregate.pairwise_distances(states), repeats)
-    del states
+    def times(states, n):   # the uploads live only here, so the peak measured below starts clean
+        return (timeit(lambda: aggregate.fedavg(states, n), repeats),
+                timeit(lambda: aggregate.adaptive_text(states, n, 3, inplace=True), repeats),
+                timeit(lambda: aggregate.pairwise_distances(states), repeats))
+    t_avg, t_ata, t_dist = times(synthetic_uploads(k, params), list(range(1, k + 1)))
     mb = lambda x: x * 4 / 2**20
     return {"fedavg_s": t_avg, "ata_s": t_ata, "ata_distances_s": t_dist, "ratio": t_ata / t_avg,
             "uploads_mb": mb(k * params), "one_tensor_per_client_mb": mb(k * (params // 64)),

@@ -183,10 +183,15 @@ def pretrain_vision(model, corpus, pixels, log=print):
             log(f"vision pretraining step {step}: loss {loss.item():.3f}")
 
 
+def aligned_names():
+    """The colours and shapes the alignment corpus draws and names (PRETRAIN's restriction, if any)."""
+    return {k: PRETRAIN[k] for k in ("colours", "shapes") if k in PRETRAIN}
+
+
 def pretrain(bb, log=print):
     """Full-parameter training of the tiny LLaVA on the neutral describe-the-objects corpus."""
     p = PRETRAIN
-    named = {k: p[k] for k in ("colours", "shapes") if k in p}
+    named = aligned_names()
     corpus = data.pretraining_corpus(p["n_samples"], p["seed"], **named)
     pixels = bb.pixels([s.image for s in corpus])
     if p.get("vision_steps"):   # on every colour and shape, whatever the alignment below names
@@ -335,8 +340,9 @@ def probe(bb, n=3000, seed=7):
     """What the pretrained backbone itself can do, on held-out neutral one-object images of its own
     corpus ("describe the objects."): the fraction whose object words (size, colour, shape) it gets
     right, and the L1 error of the centre it names, beside the error of always naming the image
-    centre. The federated tasks rely on both (grounding on the location)."""
-    corpus = [s for s in data.pretraining_corpus(n, seed)
+    centre. The federated tasks rely on both (grounding on the location). Only the colours and
+    shapes its alignment named are drawn: words it was never taught say nothing about its vision."""
+    corpus = [s for s in data.pretraining_corpus(n, seed, **aligned_names())
               if s.question == "describe the objects." and " ; " not in s.answer and not s.answer.startswith("text")]
     x_img = bb.model.model.multi_modal_projector(pilot.image_features(bb.model, bb.pixels([s.image for s in corpus])))
     ids, mask = collate_prompts([bb.encode(s)[0] for s in corpus], bb.tokenizer.pad_token_id)

@@ -107,6 +107,16 @@ def test_backbone_probe_reports_its_own_baseline_exactly(small_backbone_dir):
     assert 0 <= r["object_words_right"] <= 1 and 0 <= r["centre_l1_error"] <= 2
 
 
+def test_backbone_probe_draws_only_what_the_alignment_named(small_backbone_dir, monkeypatch):
+    bb = backbone.load_backbone(str(small_backbone_dir))
+    monkeypatch.setitem(backbone.PRETRAIN, "colours", ("red", "blue"))
+    monkeypatch.setitem(backbone.PRETRAIN, "shapes", ("circle", "square"))
+    one = [s for s in data.pretraining_corpus(200, 7, colours=("red", "blue"), shapes=("circle", "square"))
+           if s.question == "describe the objects." and " ; " not in s.answer and not s.answer.startswith("text")]
+    assert {tuple(s.answer.split(" at ")[0].split()[-2:]) for s in one} <= {(c, h) for c in ("red", "blue") for h in ("circle", "square")}
+    assert backbone.probe(bb, n=200)["images"] == len(one) > 10
+
+
 def test_feature_probes_read_what_is_there_and_only_what_is_held_out():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(400, 4, 5, generator=g)

@@ -67,8 +67,10 @@ DIGIT_FONT = {  # 3x5 pixel font, rows top to bottom
 # "Calibration"; run.py --formats), at the benchmark's values. box_grid 0: box coordinates with one
 # decimal; q > 0: the box snapped outward to a q x q grid (two decimals). ocr_place "anywhere" or
 # "centre": where the number is drawn; ocr_digits: its length range; ocr_dot_px 0: 1.5 px a font dot
-# up to 3 digits, 1.25 px for 4, else that size.
-FORMATS = dict(box_grid=0, ocr_place="anywhere", ocr_digits=(2, 4), ocr_dot_px=0.0)
+# up to 3 digits, 1.25 px for 4, else that size. train_omit (a calibration knob of the data's skew,
+# not of a format): colour or shape names; client k's training scenes draw no object of the name
+# train_omit[k % len], its test scenes draw every one, so what it lacks another client holds.
+FORMATS = dict(box_grid=0, ocr_place="anywhere", ocr_digits=(2, 4), ocr_dot_px=0.0, train_omit=())
 
 
 def parse_formats(text: str) -> dict:
@@ -81,14 +83,17 @@ def parse_formats(text: str) -> dict:
         try:
             lo, _, hi = value.partition("-")
             out[key] = {"box_grid": int, "ocr_place": str, "ocr_dot_px": float,
-                        "ocr_digits": lambda v: (int(lo), int(hi or lo))}[key](value)
+                        "ocr_digits": lambda v: (int(lo), int(hi or lo)),
+                        "train_omit": lambda v: tuple(v.split("/"))}[key](value)
         except ValueError:
             raise ValueError(f"format {part!r}: not a valid value") from None
         ok = {"box_grid": lambda v: v >= 0, "ocr_place": lambda v: v in ("anywhere", "centre"),
-              "ocr_digits": lambda v: 1 <= v[0] <= v[1] <= 4, "ocr_dot_px": lambda v: 0 <= v <= 2.5}[key]
+              "ocr_digits": lambda v: 1 <= v[0] <= v[1] <= 4, "ocr_dot_px": lambda v: 0 <= v <= 2.5,
+              "train_omit": lambda v: set(v) <= set(COLOURS) | set(SHAPES)}[key]
         if not ok(out[key]):
             raise ValueError(f"format {part!r}: out of range (box_grid >= 0, ocr_place anywhere|centre, "
-                             f"ocr_digits 1-4, ocr_dot_px 0-2.5)")
+                             f"ocr_digits 1-4, ocr_dot_px 0-2.5, train_omit colour or shape names "
+                             f"joined by '/')")
     px, longest = out["ocr_dot_px"], out["ocr_digits"][1]
     if (4 * longest - 1) * px > IMAGE_SIZE:
         raise ValueError(f"formats: {longest} digits of {px} px dots are wider than the {IMAGE_SIZE}-pixel image")
@@ -166,6 +171,8 @@ def _place(g, objs, r, S=IMAGE_SIZE, tries=60):
 
 def random_scene(g, domain, n_objects, colours=tuple(COLOURS), shapes=SHAPES):
     """n distinct (colour, shape) objects, placed without overlap."""
+    if n_objects > len(colours) * len(shapes):
+        raise ValueError(f"{n_objects} distinct objects cannot be drawn from {len(colours)} colours x {len(shapes)} shapes")
     objs, used = [], set()
     while len(objs) < n_objects:
         colour, shape, size = _choice(g, list(colours)), _choice(g, shapes), _choice(g, list(SIZES))
@@ -264,10 +271,12 @@ def _vqa(g, objs):
             return f"is the {_phrase(o)} left of the {_phrase(p)}?", "yes" if o.cx < p.cx else "no"
 
 
-def make_sample(g, task, domain, formats=FORMATS):
-    """One sample of `task` in `domain`; formats: the hardest tasks' formats (FORMATS)."""
+def make_sample(g, task, domain, formats=FORMATS, omit=()):
+    """One sample of `task` in `domain`; formats: the hardest tasks' formats (FORMATS); omit: colour
+    or shape names its scene draws no object of."""
+    names = dict(colours=[c for c in COLOURS if c not in omit], shapes=[s for s in SHAPES if s not in omit])
     if task == "ocr":
-        objs = random_scene(g, domain, _randint(g, 0, 1))
+        objs = random_scene(g, domain, _randint(g, 0, 1), **names)
         digits = "".join(str(_randint(g, 0, 9)) for _ in range(_randint(g, *formats["ocr_digits"])))
         px = formats["ocr_dot_px"] or (1.5 if len(digits) <= 3 else 1.25)
         width, height = (4 * len(digits) - 1) * px, 5 * px
@@ -279,7 +288,7 @@ def make_sample(g, task, domain, formats=FORMATS):
         colour = _choice(g, list(COLOURS))
         image = render(g, domain, objs, (digits, colour, x0, y0, px))
         return Sample(image, "what number is written?", digits, task)
-    objs = random_scene(g, domain, _randint(g, 1, 3))
+    objs = random_scene(g, domain, _randint(g, 1, 3), **names)
     image = render(g, domain, objs)
     if task == "caption":
         return Sample(image, "describe the image briefly.", caption_text(objs), task)
@@ -378,7 +387,9 @@ def make_scenario(name, seed, limit_clients=None, n_train=None, n_test=None, for
         g = torch.Generator().manual_seed(1_000_003 * seed + 7919 * k + ord(name))
         domain = client_domain(g)
         ntr, nte = n_train or spec.n_train, n_test or spec.n_test
-        samples = [make_sample(g, spec.task, domain, formats) for _ in range(ntr + nte)]
+        skew = formats["train_omit"]
+        omit = (skew[k % len(skew)],) if skew else ()
+        samples = [make_sample(g, spec.task, domain, formats, omit if i < ntr else ()) for i in range(ntr + nte)]
         for i, s in enumerate(samples):
             s.id = f"c{k}-{i}"
         clients.append(ClientData(k, spec.task, samples[:ntr], samples[ntr:], domain))

@@ -1,5 +1,6 @@
 """Synthetic data and metrics, on hand-computed cases."""
 import math
+import re
 
 import pytest
 import torch
@@ -54,16 +55,16 @@ def test_grid_boxes_and_the_calibration_formats(monkeypatch):
     assert data.box_text([0.31, 0.05, 0.55, 0.5]) == "[0.3, 0.1, 0.6, 0.5]"    # the benchmark's format
     assert data.parse_formats("") == data.FORMATS
     f = data.parse_formats("box_grid=4, ocr_place=centre,ocr_digits=1,ocr_dot_px=2")
-    assert f == {"box_grid": 4, "ocr_place": "centre", "ocr_digits": (1, 1), "ocr_dot_px": 2.0}
+    assert f == {"box_grid": 4, "ocr_place": "centre", "ocr_digits": (1, 1), "ocr_dot_px": 2.0, "train_omit": ()}
     assert data.parse_formats("ocr_digits=1-3")["ocr_digits"] == (1, 3)
     for bad, why in (("box_grid=1.5", "not a valid value"), ("ocr_place=top", "out of range"),
                      ("ocr_digits=3-2", "out of range"), ("ocr_digits=4,ocr_dot_px=2.5", "wider than"),
-                     ("font=big", "unknown format")):
+                     ("font=big", "unknown format"), ("train_omit=yellow/pink", "out of range")):
         with pytest.raises(ValueError, match=why):
             data.parse_formats(bad)
     s = data.make_sample(torch.Generator().manual_seed(3), "grounding", data.NEUTRAL, f)
     assert all(v * 4 == round(v * 4) for v in data.parse_box(s.answer)) and len(s.answer.split(", ")[0]) == 5
-    monkeypatch.setattr(data, "random_scene", lambda g, domain, n: [])   # the number alone in the image
+    monkeypatch.setattr(data, "random_scene", lambda g, domain, n, **names: [])   # the number alone in the image
     a = [data.make_sample(torch.Generator().manual_seed(k), "ocr", data.Domain(), f) for k in range(6)]
     assert all(len(x.answer) == 1 for x in a)
     # the digit sits in the middle: a 3 x 5 glyph of 2 px dots covers columns 13-18 and rows 11-20
@@ -71,6 +72,19 @@ def test_grid_boxes_and_the_calibration_formats(monkeypatch):
         ink = (x.image - x.image[:, :1, :1]).abs().sum(0) > 0.05
         cols, rows = ink.any(0).nonzero().flatten(), ink.any(1).nonzero().flatten()
         assert cols.min() >= 13 and cols.max() <= 18 and rows.min() >= 11 and rows.max() <= 20
+
+
+def test_train_omit_takes_one_name_from_each_clients_training_scenes_only():
+    f = data.parse_formats("train_omit=yellow/triangle")
+    assert f["train_omit"] == ("yellow", "triangle")
+    clients = data.make_scenario("A", 0, n_train=60, n_test=60, formats=f)
+    words = lambda samples: re.findall(r"[a-z]+", " ".join(s.question + " " + s.answer for s in samples))
+    for c in clients:
+        name = ("yellow", "triangle")[c.id % 2]
+        assert name not in words(c.train) and name in words(c.test)
+        assert {"yellow", "triangle"} - {name} <= set(words(c.train))   # the other name is still drawn
+    with pytest.raises(ValueError, match="cannot be drawn"):             # not an endless search
+        data.random_scene(torch.Generator().manual_seed(0), data.NEUTRAL, 3, ("red",), ("circle", "square"))
 
 
 def test_scores_in_percent_units():

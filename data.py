@@ -68,8 +68,9 @@ DIGIT_FONT = {  # 3x5 pixel font, rows top to bottom
 # decimal; q > 0: the box snapped outward to a q x q grid (two decimals). ocr_place "anywhere" or
 # "centre": where the number is drawn; ocr_digits: its length range; ocr_dot_px 0: 1.5 px a font dot
 # up to 3 digits, 1.25 px for 4, else that size. train_omit (a calibration knob of the data's skew,
-# not of a format): colour or shape names; client k's training scenes draw no object of the name
-# train_omit[k % len], its test scenes draw every one, so what it lacks another client holds.
+# not of a format): groups of colour or shape names ("yellow+triangle"); client k's training scenes
+# draw no object of a name in group k % len, its test scenes draw every one, so what it lacks another
+# client holds.
 FORMATS = dict(box_grid=0, ocr_place="anywhere", ocr_digits=(2, 4), ocr_dot_px=0.0, train_omit=())
 
 
@@ -84,16 +85,16 @@ def parse_formats(text: str) -> dict:
             lo, _, hi = value.partition("-")
             out[key] = {"box_grid": int, "ocr_place": str, "ocr_dot_px": float,
                         "ocr_digits": lambda v: (int(lo), int(hi or lo)),
-                        "train_omit": lambda v: tuple(v.split("/"))}[key](value)
+                        "train_omit": lambda v: tuple(tuple(n.split("+")) for n in v.split("/"))}[key](value)
         except ValueError:
             raise ValueError(f"format {part!r}: not a valid value") from None
         ok = {"box_grid": lambda v: v >= 0, "ocr_place": lambda v: v in ("anywhere", "centre"),
               "ocr_digits": lambda v: 1 <= v[0] <= v[1] <= 4, "ocr_dot_px": lambda v: 0 <= v <= 2.5,
-              "train_omit": lambda v: set(v) <= set(COLOURS) | set(SHAPES)}[key]
+              "train_omit": lambda v: {n for grp in v for n in grp} <= set(COLOURS) | set(SHAPES)}[key]
         if not ok(out[key]):
             raise ValueError(f"format {part!r}: out of range (box_grid >= 0, ocr_place anywhere|centre, "
                              f"ocr_digits 1-4, ocr_dot_px 0-2.5, train_omit colour or shape names "
-                             f"joined by '/')")
+                             f"joined by '+' in groups joined by '/')")
     px, longest = out["ocr_dot_px"], out["ocr_digits"][1]
     if (4 * longest - 1) * px > IMAGE_SIZE:
         raise ValueError(f"formats: {longest} digits of {px} px dots are wider than the {IMAGE_SIZE}-pixel image")
@@ -388,7 +389,7 @@ def make_scenario(name, seed, limit_clients=None, n_train=None, n_test=None, for
         domain = client_domain(g)
         ntr, nte = n_train or spec.n_train, n_test or spec.n_test
         skew = formats["train_omit"]
-        omit = (skew[k % len(skew)],) if skew else ()
+        omit = skew[k % len(skew)] if skew else ()
         samples = [make_sample(g, spec.task, domain, formats, omit if i < ntr else ()) for i in range(ntr + nte)]
         for i, s in enumerate(samples):
             s.id = f"c{k}-{i}"

@@ -76,13 +76,17 @@ def test_grid_boxes_and_the_calibration_formats(monkeypatch):
 
 def test_train_omit_takes_one_name_from_each_clients_training_scenes_only():
     f = data.parse_formats("train_omit=yellow/triangle")
-    assert f["train_omit"] == ("yellow", "triangle")
+    assert f["train_omit"] == (("yellow",), ("triangle",))
+    assert data.parse_formats("train_omit=yellow+cross/purple")["train_omit"] == (("yellow", "cross"), ("purple",))
     clients = data.make_scenario("A", 0, n_train=60, n_test=60, formats=f)
     words = lambda samples: re.findall(r"[a-z]+", " ".join(s.question + " " + s.answer for s in samples))
     for c in clients:
         name = ("yellow", "triangle")[c.id % 2]
         assert name not in words(c.train) and name in words(c.test)
         assert {"yellow", "triangle"} - {name} <= set(words(c.train))   # the other name is still drawn
+    two = data.make_scenario("A", 0, n_train=60, n_test=60, formats=data.parse_formats("train_omit=yellow+cross/purple"))
+    assert not {"yellow", "cross"} & set(words(two[0].train)) and {"yellow", "cross"} <= set(words(two[0].test))
+    assert "purple" not in words(two[1].train) and {"yellow", "cross"} <= set(words(two[1].train))
     with pytest.raises(ValueError, match="cannot be drawn"):             # not an endless search
         data.random_scene(torch.Generator().manual_seed(0), data.NEUTRAL, 3, ("red",), ("circle", "square"))
 

@@ -11,15 +11,17 @@ until any method wins:
   count and left/right relations (one-word answers), grounding (referring expression -> normalised
   box "[x1, y1, x2, y2]" with one decimal) and, in Scenario B, text reading (a 2-4 digit string
   drawn with a hand-made 3x5 pixel font). These two formats are calibration knobs (FORMATS,
-  run.py --formats: boxes on a coarse grid, a number of fewer digits, larger, in the centre); the
-  benchmark uses the defaults.
+  run.py --formats: boxes on a coarse grid, a number of fewer digits, larger, in the centre), and so
+  is the training data's skew (train_omit: each client's training scenes lack names its test scenes
+  draw, and other clients hold); the benchmark uses the defaults.
 - client heterogeneity: each client draws its own visual domain (background level and tint, a
   background gradient, a palette shift of the object colours, pixel noise, object scale), so
   client-specific visual features matter.
 - shared knowledge: every task rests on the same concepts (colour, shape, size, position), so what
   one task learns about them can help another, and one client's few hundred samples are too few to
   learn everything well alone.
-Train and test splits of a client are disjoint draws from the same client distribution.
+Train and test splits of a client are disjoint draws from the same client distribution (train_omit
+aside).
 
 The embedded benchmark is this world, these scenarios and run.py's "tiny" preset, as one instrument:
 - Scenario A: 6 clients (caption, caption, vqa, vqa, grounding, grounding), 400 training and 400

@@ -384,14 +384,13 @@ def make_scenario(name, seed, limit_clients=None, n_train=None, n_test=None, for
         raise ValueError(f"unknown scenario {name!r}; expected one of {sorted(SCENARIOS)}")
     specs = SCENARIOS[name]
     keep = range(len(specs)) if limit_clients is None else limit_clients
-    clients = []
+    clients, skew = [], formats["train_omit"]
     for k in keep:
         spec = specs[k]
         g = torch.Generator().manual_seed(1_000_003 * seed + 7919 * k + ord(name))
         domain = client_domain(g)
         ntr, nte = n_train or spec.n_train, n_test or spec.n_test
-        skew = formats["train_omit"]
-        omit = skew[k % len(skew)] if skew else ()
+        omit = skew[k % len(skew)] if skew else ()    # the names client k's training scenes lack
         samples = [make_sample(g, spec.task, domain, formats, omit if i < ntr else ()) for i in range(ntr + nte)]
         for i, s in enumerate(samples):
             s.id = f"c{k}-{i}"

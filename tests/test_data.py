@@ -74,7 +74,7 @@ def test_grid_boxes_and_the_calibration_formats(monkeypatch):
         assert cols.min() >= 13 and cols.max() <= 18 and rows.min() >= 11 and rows.max() <= 20
 
 
-def test_train_omit_takes_one_name_from_each_clients_training_scenes_only():
+def test_train_omit_takes_its_names_from_each_clients_training_scenes_only():
     f = data.parse_formats("train_omit=yellow/triangle")
     assert f["train_omit"] == (("yellow",), ("triangle",))
     assert data.parse_formats("train_omit=yellow+cross/purple")["train_omit"] == (("yellow", "cross"), ("purple",))

@@ -35,7 +35,9 @@ TINY = dict(  # the embedded backbone; about 0.6M parameters
 PRETRAIN = dict(n_samples=8000, epochs=4, batch_size=32, lr=1e-3, warmup=50, seed=0)
 # Calibration variants of the recipe (README, "Calibration"; off in the benchmark), set by adding keys:
 # vision_steps=N: N steps of dense vision pretraining first (pretrain_vision); colours=(...),
-# shapes=(...): the only ones the alignment corpus draws and names. Any key changes the cache key.
+# shapes=(...): the only ones the alignment corpus draws and names; name_boxes=True: it names each
+# object's box, not its centre; text_share=p, text_px=(lo, hi): how many of its images carry a
+# number, and how large (data.pretraining_corpus). Any key changes the cache key.
 TINY_PROMPT = "USER: <image> {question} ASSISTANT:"
 LLAVA_PROMPT = "USER: <image>\n{question} ASSISTANT:"  # Vicuna v1, LLaVA-1.5's conversation format
 FORMAT_VERSION = 1   # bump when the tiny backbone's recipe changes, so old caches are not reused
@@ -188,14 +190,20 @@ def aligned_names():
     return {k: PRETRAIN[k] for k in ("colours", "shapes") if k in PRETRAIN}
 
 
+def corpus_variant():
+    """PRETRAIN's other variants of the alignment corpus, as data.pretraining_corpus arguments."""
+    names = {"name_boxes": "boxes", "text_share": "text_share", "text_px": "text_px"}
+    return {arg: tuple(PRETRAIN[k]) if k == "text_px" else PRETRAIN[k] for k, arg in names.items() if k in PRETRAIN}
+
+
 def pretrain(bb, log=print):
     """Full-parameter training of the tiny LLaVA on the neutral describe-the-objects corpus."""
     p = PRETRAIN
-    named = aligned_names()
-    corpus = data.pretraining_corpus(p["n_samples"], p["seed"], **named)
+    named, variant = aligned_names(), corpus_variant()
+    corpus = data.pretraining_corpus(p["n_samples"], p["seed"], **named, **variant)
     pixels = bb.pixels([s.image for s in corpus])
     if p.get("vision_steps"):   # on every colour and shape, whatever the alignment below names
-        seen = data.pretraining_corpus(p["n_samples"], p["seed"]) if named else corpus
+        seen = data.pretraining_corpus(p["n_samples"], p["seed"], **variant) if named else corpus
         pretrain_vision(bb.model, seen, bb.pixels([s.image for s in seen]) if named else pixels, log)
     items = [bb.encode(s)[:2] for s in corpus]
     model = bb.model.train()
@@ -335,31 +343,43 @@ def load_backbone(name="tiny", device="cpu", dtype=torch.float32, log=print) -> 
     return Backbone(model, tokenizer, processor, str(name), prompt)
 
 
+def _describe(bb, samples, max_new_tokens):
+    """The backbone's own greedy answers to samples of its corpus."""
+    x_img = bb.model.model.multi_modal_projector(pilot.image_features(bb.model, bb.pixels([s.image for s in samples])))
+    ids, mask = collate_prompts([bb.encode(s)[0] for s in samples], bb.tokenizer.pad_token_id)
+    out = pilot.generate(bb.model, x_img, ids, mask, max_new_tokens, bb.tokenizer.eos_token_id, bb.tokenizer.pad_token_id)
+    return [p.strip() for p in bb.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
 @torch.no_grad()
 def probe(bb, n=3000, seed=7):
-    """What the pretrained backbone itself can do, on held-out neutral one-object images of its own
-    corpus ("describe the objects."): the fraction whose object words (size, colour, shape) it gets
-    right, and the L1 error of the centre it names, beside the error of always naming the image
-    centre. The federated tasks rely on both (grounding on the location). Only the colours and
-    shapes its alignment named are drawn: words it was never taught say nothing about its vision."""
-    corpus = [s for s in data.pretraining_corpus(n, seed, **aligned_names())
-              if s.question == "describe the objects." and " ; " not in s.answer and not s.answer.startswith("text")]
-    x_img = bb.model.model.multi_modal_projector(pilot.image_features(bb.model, bb.pixels([s.image for s in corpus])))
-    ids, mask = collate_prompts([bb.encode(s)[0] for s in corpus], bb.tokenizer.pad_token_id)
-    out = pilot.generate(bb.model, x_img, ids, mask, 20, bb.tokenizer.eos_token_id, bb.tokenizer.pad_token_id)
+    """What the pretrained backbone itself can do, on held-out neutral images of its own corpus
+    ("describe the objects."). On one-object images: the fraction whose object words (size, colour,
+    shape) it gets right, and the L1 error of the centre it names (a named box's middle), beside the
+    error of always naming the image centre; the federated tasks rely on both (grounding on the
+    location). On images that carry a number: the fraction whose number it reads right (text reading
+    relies on it). Only the colours and shapes its alignment named are drawn: words it was never
+    taught say nothing about its vision."""
+    corpus = data.pretraining_corpus(n, seed, **aligned_names(), **corpus_variant())
+    one = [s for s in corpus if s.question == "describe the objects." and " ; " not in s.answer and not s.extra["text"]]
     words, err, guess = 0, [], []
-    for s, p in zip(corpus, bb.tokenizer.batch_decode(out, skip_special_tokens=True)):
-        want, got = s.answer.split(" at "), p.strip().split(" ; ")[0].split(" at ")
+    for s, p in zip(one, _describe(bb, one, 30)):
+        want, got = s.answer.split(" at "), p.split(" ; ")[0].split(" at ")
         words += want[0] == got[0]
-        a = [float(v) for v in want[1].split(", ")]
+        centre = lambda t: [float(v) for v in t.split(", ")[:2]] if "[" not in t else [
+            (a + b) / 2 for a, b in zip(data.parse_box(t)[:2], data.parse_box(t)[2:])]
+        a = centre(want[1])
         try:
-            b = [float(v) for v in got[1].split(", ")[:2]]
-        except (IndexError, ValueError):
-            b = [0.5, 0.5]          # no readable centre: counted as naming the image centre
+            b = centre(got[1])
+        except (IndexError, ValueError, TypeError):
+            b = [0.5, 0.5]          # no readable location: counted as naming the image centre
         err.append(abs(a[0] - b[0]) + abs(a[1] - b[1]))
         guess.append(abs(a[0] - 0.5) + abs(a[1] - 0.5))
-    return {"images": len(corpus), "object_words_right": words / len(corpus),
-            "centre_l1_error": sum(err) / len(err), "centre_l1_error_guessing_the_middle": sum(guess) / len(guess)}
+    texts = [s for s in corpus if s.extra["text"]][:300]
+    read = sum(f"text {s.extra['text'][0]} at" in p for s, p in zip(texts, _describe(bb, texts, 100)))
+    return {"images": len(one), "object_words_right": words / len(one), "centre_l1_error": sum(err) / len(err),
+            "centre_l1_error_guessing_the_middle": sum(guess) / len(guess),
+            "images_with_a_number": len(texts), "numbers_read_right": read / len(texts)}
 
 
 def _fit_probe(x, y, classes=0, epochs=60, seed=0):

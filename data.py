@@ -305,14 +305,17 @@ def make_sample(g, task, domain, formats=FORMATS, omit=()):
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
-def pretraining_corpus(n, seed, colours=tuple(COLOURS), shapes=SHAPES):
+def pretraining_corpus(n, seed, colours=tuple(COLOURS), shapes=SHAPES, boxes=False, text_share=0.3, text_px=(1.5, 1.5)):
     """The neutral 'describe the objects' alignment set the tiny backbone is pretrained on. Each
     description lists objects as '<size> <colour> <shape> at <x>, <y>' (centre, two decimals); the
     instruction asks for all objects, or those of one colour, or of one shape ('none' when there is
     none), so that the LLM learns to read the instruction as well as the image. Some images carry a
     number ('text 472 at ...'), so that digits mean something to the backbone too. colours / shapes:
-    the only ones drawn (a calibration variant; every one by default). Each sample's extra holds
-    what is drawn ('objects', 'text'), for the backbone's dense vision targets."""
+    the only ones drawn (a calibration variant; every one by default). Calibration variants too:
+    boxes names each object's box ('at [x1, y1, x2, y2]', two decimals) instead of its centre;
+    text_share is the share of 'describe the objects.' images that carry a number, text_px the range
+    of its dot size (capped so the number fits). Each sample's extra holds what is drawn ('objects',
+    'text'), for the backbone's dense vision targets."""
     g = torch.Generator().manual_seed(10_000 + seed)
     at = lambda cx, cy: f"at {cx / IMAGE_SIZE:.2f}, {cy / IMAGE_SIZE:.2f}"
     out = []
@@ -327,15 +330,19 @@ def pretraining_corpus(n, seed, colours=tuple(COLOURS), shapes=SHAPES):
         else:
             shape = _choice(g, shapes)
             q, keep = f"describe the {shape} objects.", [o for o in objs if o.shape == shape]
-        parts = [f"{o.size} {_phrase(o)} {at(o.cx, o.cy)}" for o in sorted(keep, key=lambda o: o.cx)]
+        where = (lambda o: "at " + box_text(o.box, 2)) if boxes else (lambda o: at(o.cx, o.cy))
+        parts = [f"{o.size} {_phrase(o)} {where(o)}" for o in sorted(keep, key=lambda o: o.cx)]
         text = None
-        if kind == 0 and float(torch.rand(1, generator=g)) < 0.3:
+        if kind == 0 and float(torch.rand(1, generator=g)) < text_share:
             digits = "".join(str(_randint(g, 0, 9)) for _ in range(_randint(g, 1, 4)))
-            w = (4 * len(digits) - 1) * 1.5
+            px, top = text_px[0], min(text_px[1], IMAGE_SIZE / (4 * len(digits) - 1))
+            if text_px[1] > text_px[0]:   # drawn only for a range, so the default corpus stays as it was
+                px += float(torch.rand(1, generator=g)) * max(0.0, top - px)
+            w = (4 * len(digits) - 1) * px
             x0 = float(torch.rand(1, generator=g)) * (IMAGE_SIZE - w)
-            y0 = float(torch.rand(1, generator=g)) * (IMAGE_SIZE - 7.5)
-            text = (digits, _choice(g, list(colours)), x0, y0, 1.5)
-            parts.append(f"text {digits} {at(x0 + w / 2, y0 + 3.75)}")
+            y0 = float(torch.rand(1, generator=g)) * (IMAGE_SIZE - 5 * px)
+            text = (digits, _choice(g, list(colours)), x0, y0, px)
+            parts.append(f"text {digits} {at(x0 + w / 2, y0 + 2.5 * px)}")
         out.append(Sample(render(g, NEUTRAL, objs, text), q, " ; ".join(parts) or "none", "describe", id=f"pre{i}",
                           extra={"objects": objs, "text": text}))   # what is drawn: backbone's dense targets
     return out

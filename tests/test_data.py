@@ -126,3 +126,19 @@ def test_every_generated_text_is_in_the_tiny_vocabulary():
     # numbers and boxes are spelled digit by digit and decode back exactly
     for s in ["[0.12, 0.40, 0.55, 0.80]", "472", "a large red circle left of a small blue square"]:
         assert tok.decode(tok(s, add_special_tokens=False)["input_ids"]) == s
+
+
+def test_pretraining_corpus_variants_change_only_what_they_name():
+    plain = data.pretraining_corpus(60, 0)
+    boxed = data.pretraining_corpus(60, 0, boxes=True)
+    for a, b in zip(plain, boxed):      # the same images; every object located by its box instead of its centre
+        assert torch.equal(a.image, b.image) and a.question == b.question
+        for o in b.extra["objects"]:
+            at = f"at {o.cx / data.IMAGE_SIZE:.2f}, {o.cy / data.IMAGE_SIZE:.2f}"
+            assert (f"{o.size} {o.colour} {o.shape} {at}" in a.answer) == (f"{o.size} {o.colour} {o.shape} at {data.box_text(o.box, 2)}" in b.answer)
+    more = data.pretraining_corpus(200, 0, text_share=1.0, text_px=(1.5, 2.5))
+    described = [s for s in more if s.question == "describe the objects."]
+    assert described and all(s.extra["text"] is not None for s in described)
+    sizes = [s.extra["text"][4] for s in described]
+    assert all(1.5 <= px <= 2.5 and (4 * len(s.extra["text"][0]) - 1) * px <= data.IMAGE_SIZE for s, px in zip(described, sizes))
+    assert max(sizes) > 2.0 and all(f"text {s.extra['text'][0]} at" in s.answer for s in described)

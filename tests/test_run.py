@@ -105,6 +105,20 @@ def test_backbone_probe_reports_its_own_baseline_exactly(small_backbone_dir):
     assert r["images"] == len(one) > 10
     assert abs(r["centre_l1_error_guessing_the_middle"] - sum(abs(x - 0.5) + abs(y - 0.5) for x, y in centres) / len(one)) < 1e-12
     assert 0 <= r["object_words_right"] <= 1 and 0 <= r["centre_l1_error"] <= 2
+    assert r["images_with_a_number"] == min(300, sum(s.extra["text"] is not None for s in data.pretraining_corpus(200, 7))) > 5
+    assert 0 <= r["numbers_read_right"] <= 1
+
+
+def test_backbone_probe_reads_the_middle_of_a_named_box(small_backbone_dir, monkeypatch):
+    bb = backbone.load_backbone(str(small_backbone_dir))
+    monkeypatch.setitem(backbone.PRETRAIN, "name_boxes", True)
+    assert backbone.corpus_variant() == {"boxes": True}
+    one = [s for s in data.pretraining_corpus(200, 7, boxes=True)
+           if s.question == "describe the objects." and " ; " not in s.answer and not s.extra["text"]]
+    middles = [[(a + b) / 2 for a, b in zip(box[:2], box[2:])] for box in (data.parse_box(s.answer) for s in one)]
+    r = backbone.probe(bb, n=200)
+    assert r["images"] == len(one) > 10
+    assert abs(r["centre_l1_error_guessing_the_middle"] - sum(abs(x - 0.5) + abs(y - 0.5) for x, y in middles) / len(one)) < 1e-12
 
 
 def test_backbone_probe_draws_only_what_the_alignment_named(small_backbone_dir, monkeypatch):

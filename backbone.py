@@ -3,7 +3,7 @@ The LLaVA backbone: the embedded "tiny" one (built, pretrained and cached on fir
 LLaVA checkpoint in Hugging Face format, loaded the same way; plus prompt encoding and batching.
 
     python backbone.py            # build (or find) the tiny backbone and print where it is cached
-    python backbone.py --probe    # and how well it describes and locates one object on held-out images
+    python backbone.py --probe    # and how well it describes, locates and reads on held-out images
     python backbone.py --probe-features   # what its frozen image features H_v carry, read by small probes
 
 The tiny backbone is a real LlavaForConditionalGeneration (a small CLIP vision tower, a small Llama,
@@ -453,7 +453,7 @@ if __name__ == "__main__":
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     ap = argparse.ArgumentParser(description="Build (or find) the tiny backbone; print its directory.")
-    ap.add_argument("--probe", action="store_true", help="also measure what it describes and locates (probe())")
+    ap.add_argument("--probe", action="store_true", help="also measure what it describes, locates and reads (probe())")
     ap.add_argument("--probe-features", action="store_true", help="also measure what its frozen image features carry (probe_features())")
     args = ap.parse_args()
     path = tiny_backbone_dir()

@@ -351,6 +351,12 @@ def _describe(bb, samples, max_new_tokens):
     return [p.strip() for p in bb.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
+def _named_centre(text):
+    """'0.25, 0.30' (a centre) or '[x1, y1, x2, y2]' (a box) -> the centre [x, y] it names."""
+    box = data.parse_box(text)
+    return [(box[0] + box[2]) / 2, (box[1] + box[3]) / 2] if box else [float(v) for v in text.split(", ")[:2]]
+
+
 @torch.no_grad()
 def probe(bb, n=3000, seed=7):
     """What the pretrained backbone itself can do, on held-out neutral images of its own corpus
@@ -366,12 +372,10 @@ def probe(bb, n=3000, seed=7):
     for s, p in zip(one, _describe(bb, one, 30)):
         want, got = s.answer.split(" at "), p.split(" ; ")[0].split(" at ")
         words += want[0] == got[0]
-        centre = lambda t: [float(v) for v in t.split(", ")[:2]] if "[" not in t else [
-            (a + b) / 2 for a, b in zip(data.parse_box(t)[:2], data.parse_box(t)[2:])]
-        a = centre(want[1])
+        a = _named_centre(want[1])
         try:
-            b = centre(got[1])
-        except (IndexError, ValueError, TypeError):
+            b = _named_centre(got[1])
+        except (IndexError, ValueError):
             b = [0.5, 0.5]          # no readable location: counted as naming the image centre
         err.append(abs(a[0] - b[0]) + abs(a[1] - b[1]))
         guess.append(abs(a[0] - 0.5) + abs(a[1] - 0.5))

@@ -193,7 +193,7 @@ def aligned_names():
 def corpus_variant():
     """PRETRAIN's other variants of the alignment corpus, as data.pretraining_corpus arguments."""
     names = {"name_boxes": "boxes", "text_share": "text_share", "text_px": "text_px"}
-    return {arg: tuple(PRETRAIN[k]) if k == "text_px" else PRETRAIN[k] for k, arg in names.items() if k in PRETRAIN}
+    return {arg: PRETRAIN[k] for k, arg in names.items() if k in PRETRAIN}
 
 
 def pretrain(bb, log=print):
@@ -383,7 +383,7 @@ def probe(bb, n=3000, seed=7):
     read = sum(f"text {s.extra['text'][0]} at" in p for s, p in zip(texts, _describe(bb, texts, 100)))
     return {"images": len(one), "object_words_right": words / len(one), "centre_l1_error": sum(err) / len(err),
             "centre_l1_error_guessing_the_middle": sum(guess) / len(guess),
-            "images_with_a_number": len(texts), "numbers_read_right": read / len(texts)}
+            "images_with_a_number": len(texts), "numbers_read_right": read / max(1, len(texts))}
 
 
 def _fit_probe(x, y, classes=0, epochs=60, seed=0):

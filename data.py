@@ -3,6 +3,7 @@ Data for Pilot: a synthetic multimodal instruction world, the two scenarios, and
 
     python data.py --scenario A            # print a few samples of every client
     python data.py --scenario A --export DIR   # write it in the LLaVA format (manifest.json + PNGs)
+    python data.py --scenario A --constant     # each client's best constant answer: the floor to beat
 
 The synthetic world is designed from three principles (PILOT_METHOD.md, "Task: FedMIT"), not tuned
 until any method wins:
@@ -11,9 +12,10 @@ until any method wins:
   count and left/right relations (one-word answers), grounding (referring expression -> normalised
   box "[x1, y1, x2, y2]" with one decimal) and, in Scenario B, text reading (a 2-4 digit string
   drawn with a hand-made 3x5 pixel font). These two formats are calibration knobs (FORMATS,
-  run.py --formats: boxes on a coarse grid, a number of fewer digits, larger, in the centre), and so
-  is the training data's skew (train_omit: each client's training scenes lack names its test scenes
-  draw, and other clients hold); the benchmark uses the defaults.
+  run.py --formats: boxes on a coarse grid or its cell holding the centre, a number of fewer digits,
+  larger, in the centre), and so is the training data's skew (train_omit: each client's training
+  scenes lack names its test scenes draw, and other clients hold); the benchmark uses the defaults.
+  `constant_answer` gives each client's floor: what one fixed answer scores on its test set.
 - client heterogeneity: each client draws its own visual domain (background level and tint, a
   background gradient, a palette shift of the object colours, pixel noise, object scale), so
   client-specific visual features matter.
@@ -67,13 +69,17 @@ DIGIT_FONT = {  # 3x5 pixel font, rows top to bottom
     "8": "111101111101111", "9": "111101111001111"}
 # The answer formats and rendering of the two hardest tasks: the calibration's knobs (README,
 # "Calibration"; run.py --formats), at the benchmark's values. box_grid 0: box coordinates with one
-# decimal; q > 0: the box snapped outward to a q x q grid (two decimals). ocr_place "anywhere" or
+# decimal; q > 0: the box snapped outward to a q x q grid (two decimals); box_cell 1 (with q > 0):
+# instead the grid cell holding the object's centre, one of q * q answers; box_say 1: the answer
+# names the object before its box as the alignment corpus does with name_boxes ('<size> <colour>
+# <shape> at [x1, y1, x2, y2]', two decimals; scored on the box alone). ocr_place "anywhere" or
 # "centre": where the number is drawn; ocr_digits: its length range; ocr_dot_px 0: 1.5 px a font dot
 # up to 3 digits, 1.25 px for 4, else that size. train_omit (a calibration knob of the data's skew,
 # not of a format): groups of colour or shape names ("yellow+triangle"); client k's training scenes
 # draw no object of a name in group k % len, its test scenes draw every one, so what it lacks another
 # client holds.
-FORMATS = dict(box_grid=0, ocr_place="anywhere", ocr_digits=(2, 4), ocr_dot_px=0.0, train_omit=())
+FORMATS = dict(box_grid=0, box_cell=0, box_say=0, ocr_place="anywhere", ocr_digits=(2, 4), ocr_dot_px=0.0,
+               train_omit=())
 
 
 def parse_formats(text: str) -> dict:
@@ -85,18 +91,21 @@ def parse_formats(text: str) -> dict:
             raise ValueError(f"unknown format {key!r}; expected one of {sorted(FORMATS)}")
         try:
             lo, _, hi = value.partition("-")
-            out[key] = {"box_grid": int, "ocr_place": str, "ocr_dot_px": float,
+            out[key] = {"box_grid": int, "box_cell": int, "box_say": int, "ocr_place": str, "ocr_dot_px": float,
                         "ocr_digits": lambda v: (int(lo), int(hi or lo)),
                         "train_omit": lambda v: tuple(tuple(n.split("+")) for n in v.split("/"))}[key](value)
         except ValueError:
             raise ValueError(f"format {part!r}: not a valid value") from None
-        ok = {"box_grid": lambda v: v >= 0, "ocr_place": lambda v: v in ("anywhere", "centre"),
+        ok = {"box_grid": lambda v: v >= 0, "box_cell": lambda v: v in (0, 1), "box_say": lambda v: v in (0, 1),
+              "ocr_place": lambda v: v in ("anywhere", "centre"),
               "ocr_digits": lambda v: 1 <= v[0] <= v[1] <= 4, "ocr_dot_px": lambda v: 0 <= v <= 2.5,
               "train_omit": lambda v: {n for grp in v for n in grp} <= set(COLOURS) | set(SHAPES)}[key]
         if not ok(out[key]):
-            raise ValueError(f"format {part!r}: out of range (box_grid >= 0, ocr_place anywhere|centre, "
-                             f"ocr_digits 1-4, ocr_dot_px 0-2.5, train_omit colour or shape names "
-                             f"joined by '+' in groups joined by '/')")
+            raise ValueError(f"format {part!r}: out of range (box_grid >= 0, box_cell and box_say 0|1, "
+                             f"ocr_place anywhere|centre, ocr_digits 1-4, ocr_dot_px 0-2.5, train_omit colour or "
+                             f"shape names joined by '+' in groups joined by '/')")
+    if out["box_cell"] and not out["box_grid"]:
+        raise ValueError("formats: box_cell=1 needs a grid (box_grid > 0)")
     px, longest = out["ocr_dot_px"], out["ocr_digits"][1]
     if (4 * longest - 1) * px > IMAGE_SIZE:
         raise ValueError(f"formats: {longest} digits of {px} px dots are wider than the {IMAGE_SIZE}-pixel image")
@@ -257,6 +266,12 @@ def grid_box(box, q):
             math.ceil(box[2] * q - eps) / q, math.ceil(box[3] * q - eps) / q]
 
 
+def cell_box(box, q):
+    """The cell of a q x q grid that holds a normalised box's centre, as a box."""
+    i, j = (min(int((box[a] + box[a + 2]) / 2 * q), q - 1) for a in (0, 1))
+    return [i / q, j / q, (i + 1) / q, (j + 1) / q]
+
+
 def _vqa(g, objs):
     kinds = ["count", "size", "colour", "shape"] + (["relation"] * 2 if len(objs) > 1 else [])
     while True:
@@ -300,8 +315,12 @@ def make_sample(g, task, domain, formats=FORMATS, omit=()):
         return Sample(image, q, a, task)
     if task == "grounding":
         o = _choice(g, objs)
-        box = grid_box(o.box, formats["box_grid"]) if formats["box_grid"] else o.box
-        return Sample(image, f"where is the {_phrase(o)}?", box_text(box, 2 if formats["box_grid"] else 1), task)
+        q = formats["box_grid"]
+        box = (cell_box if formats["box_cell"] else grid_box)(o.box, q) if q else o.box
+        answer = box_text(box, 2 if q or formats["box_say"] else 1)
+        if formats["box_say"]:     # the alignment's own words for the object (name_boxes)
+            answer = f"{o.size} {_phrase(o)} at {answer}"
+        return Sample(image, f"where is the {_phrase(o)}?", answer, task)
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
@@ -511,6 +530,20 @@ def score(task, predictions, samples) -> float:
     raise ValueError(task)
 
 
+def constant_answer(task, samples, grid=0, top=20):
+    """The single answer that, given to every sample, scores best: the floor a model must beat to
+    have learned anything from the image. Candidates: the `top` most frequent answers, and for
+    grounding every box of grid cells, on the answers' grid (grid = q > 0; one spanning two cells can
+    beat any true answer) or on a 4 x 4 one for exact boxes. Returns (answer, score), scored as
+    `score` does (on the test set in hindsight: at least what a fixed answer chosen beforehand gets)."""
+    candidates = [a for a, _ in Counter(s.answer for s in samples).most_common(top)]
+    if task == "grounding":
+        v = [i / (grid or 4) for i in range((grid or 4) + 1)]
+        candidates += [box_text([x1, y1, x2, y2], 2) for i, x1 in enumerate(v) for x2 in v[i + 1:]
+                       for j, y1 in enumerate(v) for y2 in v[j + 1:]]
+    return max(((a, score(task, [a] * len(samples), samples)) for a in candidates), key=lambda t: t[1])
+
+
 # ----------------------------------------------------------------------------- LLaVA-format data
 class DataError(ValueError):
     """Bad input data; the message names the file, the record and what is wrong."""
@@ -680,12 +713,20 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("--scenario", default="A", choices=sorted(SCENARIOS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--formats", default="", help="calibration knobs, as run.py --formats (default: the benchmark's)")
     ap.add_argument("--export", metavar="DIR", help="write the scenario in the LLaVA format (manifest + PNGs) to DIR")
+    ap.add_argument("--constant", action="store_true", help="print each client's best constant answer on its test set")
     args = ap.parse_args()
+    formats = parse_formats(args.formats)
     if args.export:
-        print(f"wrote {export_scenario(args.export, args.scenario, args.seed)}")
+        print(f"wrote {export_scenario(args.export, args.scenario, args.seed, formats=formats)}")
         raise SystemExit
-    for c in make_scenario(args.scenario, args.seed):
+    for c in make_scenario(args.scenario, args.seed, formats=formats):
+        if args.constant:
+            answer, value = constant_answer(c.task, c.test, formats["box_grid"])
+            print(f"client {c.id} ({c.task}): {value:.1f} {METRICS[c.task]} answering {answer!r} "
+                  f"to all {len(c.test)} test samples")
+            continue
         print(f"client {c.id} ({c.task}, {len(c.train)} train / {len(c.test)} test)")
         for s in c.train[:3]:
             print(f"   Q: {s.question:40s} A: {s.answer}")

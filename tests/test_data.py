@@ -55,15 +55,28 @@ def test_grid_boxes_and_the_calibration_formats(monkeypatch):
     assert data.box_text([0.31, 0.05, 0.55, 0.5]) == "[0.3, 0.1, 0.6, 0.5]"    # the benchmark's format
     assert data.parse_formats("") == data.FORMATS
     f = data.parse_formats("box_grid=4, ocr_place=centre,ocr_digits=1,ocr_dot_px=2")
-    assert f == {"box_grid": 4, "ocr_place": "centre", "ocr_digits": (1, 1), "ocr_dot_px": 2.0, "train_omit": ()}
+    assert f == {"box_grid": 4, "box_cell": 0, "box_say": 0, "ocr_place": "centre", "ocr_digits": (1, 1),
+                 "ocr_dot_px": 2.0, "train_omit": ()}
     assert data.parse_formats("ocr_digits=1-3")["ocr_digits"] == (1, 3)
     for bad, why in (("box_grid=1.5", "not a valid value"), ("ocr_place=top", "out of range"),
                      ("ocr_digits=3-2", "out of range"), ("ocr_digits=4,ocr_dot_px=2.5", "wider than"),
-                     ("font=big", "unknown format"), ("train_omit=yellow/pink", "out of range")):
+                     ("font=big", "unknown format"), ("train_omit=yellow/pink", "out of range"),
+                     ("box_cell=2", "out of range"), ("box_cell=1", "needs a grid"), ("box_say=yes", "not a valid")):
         with pytest.raises(ValueError, match=why):
             data.parse_formats(bad)
     s = data.make_sample(torch.Generator().manual_seed(3), "grounding", data.NEUTRAL, f)
     assert all(v * 4 == round(v * 4) for v in data.parse_box(s.answer)) and len(s.answer.split(", ")[0]) == 5
+    # box_cell: the one grid cell that holds the box's centre (the same draws, so the same object)
+    assert data.cell_box([0.30, 0.05, 0.55, 0.50], 4) == [0.25, 0.25, 0.5, 0.5]
+    assert data.cell_box([0.80, 0.90, 1.00, 1.00], 4) == [0.75, 0.75, 1.0, 1.0]
+    c = data.make_sample(torch.Generator().manual_seed(3), "grounding", data.NEUTRAL, {**f, "box_cell": 1})
+    cell, outward = data.parse_box(c.answer), data.parse_box(s.answer)
+    assert c.question == s.question and cell[2] - cell[0] == cell[3] - cell[1] == 0.25
+    assert all(outward[i] <= cell[i] and cell[i + 2] <= outward[i + 2] for i in (0, 1))   # inside the cells it touches
+    # box_say: the same object and box, named first as the alignment names it
+    said = data.make_sample(torch.Generator().manual_seed(3), "grounding", data.NEUTRAL, {**f, "box_say": 1})
+    assert said.answer.endswith(" at " + s.answer) and said.answer.split()[0] in data.SIZES
+    assert " ".join(said.answer.split()[1:3]) == s.question[len("where is the "):-1]
     monkeypatch.setattr(data, "random_scene", lambda g, domain, n, **names: [])   # the number alone in the image
     a = [data.make_sample(torch.Generator().manual_seed(k), "ocr", data.Domain(), f) for k in range(6)]
     assert all(len(x.answer) == 1 for x in a)
@@ -94,6 +107,17 @@ def test_train_omit_takes_its_names_from_each_clients_training_scenes_only():
 def test_scores_in_percent_units():
     samples = [data.Sample(torch.zeros(3, 2, 2), "q", a, "vqa") for a in ("red", "two")]
     assert data.score("vqa", ["red", "3"], samples) == 50.0
+
+
+def test_constant_answer_is_the_best_single_answer():
+    vqa = [data.Sample(None, "q", a, "vqa") for a in ("yes", "no", "yes")]
+    assert data.constant_answer("vqa", vqa) == ("yes", 200 / 3)
+    # two answers a half-image apart: the box spanning both halves has IoU 0.5 with each, so a
+    # fixed answer scores 100 that no true answer reaches (each scores 50)
+    boxes = [data.Sample(None, "q", a, "grounding") for a in ("[0.00, 0.00, 0.50, 0.50]", "[0.50, 0.00, 1.00, 0.50]")]
+    assert data.score("grounding", [boxes[0].answer] * 2, boxes) == 50.0
+    for grid in (2, 0):            # the answers' grid, or 4 x 4 for exact boxes
+        assert data.constant_answer("grounding", boxes, grid) == ("[0.00, 0.00, 1.00, 0.50]", 100.0)
 
 
 def test_scenarios_are_deterministic_and_heterogeneous():

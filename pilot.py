@@ -314,14 +314,20 @@ def embed(model, x_img, input_ids):
 
 def lm_loss(model, x_img, input_ids, attention_mask, labels, reduction="mean"):
     """Next-token cross-entropy on answer tokens only (labels -100 elsewhere), the mean over those
-    tokens (reduction="sum": their sum). The LM head runs on the answer positions alone: the rest
-    of the vocabulary projection would be thrown away."""
+    tokens (reduction="sum": their sum; "sample": each sample's mean over its answer tokens, then
+    the mean over samples, so that a one-word answer weighs as much as a caption). The LM head runs
+    on the answer positions alone: the rest of the vocabulary projection would be thrown away."""
     emb = embed(model, x_img, input_ids)
     hidden = model.model.language_model(inputs_embeds=emb, attention_mask=attention_mask).last_hidden_state
     target = labels[:, 1:]
     keep = target != -100
     logits = model.lm_head(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), target[keep], reduction=reduction)
+    if reduction != "sample":
+        return F.cross_entropy(logits.float(), target[keep], reduction=reduction)
+    ce = F.cross_entropy(logits.float(), target[keep], reduction="none")
+    row = keep.nonzero()[:, 0]      # the sample each answer token belongs to
+    per_sample = torch.zeros(len(target), device=ce.device).index_add(0, row, ce) / keep.sum(1).clamp(min=1)
+    return per_sample[keep.any(1)].mean()
 
 
 @torch.no_grad()

@@ -71,6 +71,7 @@ class Config:
     batch_size: int = 8
     warmup_ratio: float = 0.03  # of each client's steps over the whole run (one cosine schedule, not one per round)
     grad_clip: float = 1.0      # clip the gradient norm of each step to this; 0: off
+    loss_mean: str = "tokens"   # training loss: mean over the batch's answer tokens, or "samples" (lm_loss)
     lora_r: int = None          # None: the preset's (8 tiny, 64 real checkpoints, the paper's)
     lora_alpha: float = None    # None: the preset's (16 tiny, 128 real)
     lora_targets: str = ",".join(pilot.LORA_TARGETS)
@@ -217,7 +218,8 @@ def client_round(bb, ct: features.ClientTensors, download, private, stage, tasks
             ids, mask, labels = bbmod.collate([ct.items_train[i] for i in idx], bb.tokenizer.pad_token_id)
             # the connector runs in fp32 (its tensors are trainable); embed() casts to the LLM's dtype
             x_img, aux = conn(ct.h_train[idx].to(device).float())
-            ce = pilot.lm_loss(model, x_img, ids.to(device), mask.to(device), labels.to(device))
+            ce = pilot.lm_loss(model, x_img, ids.to(device), mask.to(device), labels.to(device),
+                               reduction="sample" if cfg.loss_mean == "samples" else "mean")
             loss = ce + aux
             if anchor is not None:  # FedProx: stay near the round's starting point
                 loss = loss + cfg.mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(params, anchor))
@@ -254,13 +256,14 @@ def client_model(bb, task, download, private, stage, tasks, cfg: Config):
 def answer(bb, conn, task, h_v, prompts, cfg: Config):
     """Greedy answers to encoded prompts about images with features h_v, eval_batch_size at a
     time, with the model client_model() set up."""
-    preds = []
+    preds, say = [], not cfg.data and data.parse_formats(cfg.formats)["box_say"]
     for i in range(0, len(prompts), cfg.eval_batch_size):
         batch = prompts[i:i + cfg.eval_batch_size]
         x_img, _ = conn(h_v[i:i + len(batch)].to(bb.model.device).float())
         ids, mask = bbmod.collate_prompts(batch, bb.tokenizer.pad_token_id)
-        # the tiny backbone's answers have known lengths; a real model's answers stop at EOS within 64
-        limit = MAX_NEW_TOKENS[task] if cfg.backbone == "tiny" else 64
+        # the tiny backbone's answers have known lengths (with box_say a box follows the object's
+        # words, up to 6 tokens more); a real model's answers stop at EOS within 64
+        limit = MAX_NEW_TOKENS[task] + 6 * (task == "grounding" and say) if cfg.backbone == "tiny" else 64
         out = pilot.generate(bb.model, x_img, ids.to(bb.model.device), mask.to(bb.model.device), limit,
                              bb.tokenizer.eos_token_id, bb.tokenizer.pad_token_id)
         preds += bb.tokenizer.batch_decode(out, skip_special_tokens=True)
@@ -474,7 +477,7 @@ def as_download_of(task, pooled_download):
 RESUME_KEYS = ("scenario", "method", "backbone", "seed", "rounds_stage1", "rounds_stage2", "local_steps", "local_epochs", "top_m",
                "lr_stage1", "lr_stage2", "batch_size", "lora_r", "lora_alpha", "lora_targets", "dtype", "grad_accum",
                "clients", "n_train", "n_test", "data", "formats", "mu", "faults", "norm_screen", "max_length",
-               "lambda_d", "lambda_b", "lambda_z", "grad_clip", "warmup_ratio")
+               "lambda_d", "lambda_b", "lambda_z", "grad_clip", "warmup_ratio", "loss_mean")
 
 
 def resume_from(out: Path, cfg: Config):
@@ -672,6 +675,8 @@ def parse_args(argv=None):
                          "0: --local-epochs whole epochs")
     ap.add_argument("--local-epochs", type=int, default=d.local_epochs, help="local epochs per round (E), when --local-steps is 0")
     ap.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip each step's gradient norm (0: off)")
+    ap.add_argument("--loss-mean", default=d.loss_mean, choices=["tokens", "samples"],
+                    help="training loss: mean over the batch's answer tokens, or over samples of each one's token mean")
     ap.add_argument("--top-m", type=int, default=d.top_m, help="ATA's number of nearest neighbours M (default min(3, K - 1))")
     ap.add_argument("--backbone", default=d.backbone, help="'tiny' (embedded, cached) or a LLaVA checkpoint dir / HF id")
     ap.add_argument("--out", default=d.out, help="output dir (default runs/scenario-<S>-<method>-seed<seed>)")

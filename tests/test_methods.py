@@ -135,6 +135,29 @@ def test_one_schedule_over_the_whole_run():
     assert per_round == pytest.approx(lrs) and lrs[0] < lrs[3] and lrs[-1] < 0.01
 
 
+def test_per_sample_loss_weighs_a_one_word_answer_as_much_as_a_caption(small_backbone_dir):
+    """--loss-mean samples: the mean over samples of each sample's own mean answer-token loss; the
+    default mean over the batch's answer tokens weighs a sample by its answer's length."""
+    bb = backbone.load_backbone(str(small_backbone_dir))
+    samples = [s for c in data.make_scenario("A", 0, [0, 2], 2, 1) for s in c.train]   # captions, VQA
+    conn = run.build_connector(bb, 1, ["caption"], "caption", {}, {}, 0, run.METHODS["fedavg"])
+    x_img = conn(pilot.image_features(bb.model, bb.pixels([s.image for s in samples])))[0].detach()
+    encoded = [bb.encode(s)[:2] for s in samples]
+    n_answer = [len(answer) for _, answer in encoded]                      # answer tokens, EOS included
+    assert len(set(n_answer)) > 1                                         # answers of different lengths
+
+    def loss(idx, reduction):
+        ids, mask, labels = backbone.collate([encoded[i] for i in idx], bb.tokenizer.pad_token_id)
+        return pilot.lm_loss(bb.model, x_img[idx], ids, mask, labels, reduction)
+
+    alone = torch.stack([loss([i], "mean") for i in range(len(samples))])   # each sample's own token mean
+    every = list(range(len(samples)))
+    torch.testing.assert_close(loss(every, "sample"), alone.mean(), rtol=1e-5, atol=1e-6)
+    weights = torch.tensor(n_answer, dtype=torch.float32)                  # the token mean weighs by length
+    torch.testing.assert_close(loss(every, "mean"), (alone * weights).sum() / weights.sum(), rtol=1e-5, atol=1e-6)
+    assert not torch.isclose(loss(every, "mean"), alone.mean(), rtol=1e-3)
+
+
 def test_fedavg_of_one_sgd_step_each_equals_one_step_on_the_union(small_backbone_dir):
     """The aggregation invariant: K clients of equal size, each one plain SGD step (no momentum, no
     weight decay) from the same start on a batch with as many answer tokens as the others (so the

@@ -3,7 +3,7 @@ Data for Pilot: a synthetic multimodal instruction world, the two scenarios, and
 
     python data.py --scenario A            # print a few samples of every client
     python data.py --scenario A --export DIR   # write it in the LLaVA format (manifest.json + PNGs)
-    python data.py --scenario A --constant     # each client's best constant answer: the floor to beat
+    python data.py --scenario A --constant 0,1,2,3,4   # each task's floor: what one fixed answer scores
 
 The synthetic world is designed from three principles (PILOT_METHOD.md, "Task: FedMIT"), not tuned
 until any method wins:
@@ -50,6 +50,7 @@ import argparse
 import json
 import math
 import re
+import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -715,18 +716,29 @@ if __name__ == "__main__":
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--formats", default="", help="calibration knobs, as run.py --formats (default: the benchmark's)")
     ap.add_argument("--export", metavar="DIR", help="write the scenario in the LLaVA format (manifest + PNGs) to DIR")
-    ap.add_argument("--constant", action="store_true", help="print each client's best constant answer on its test set")
+    ap.add_argument("--constant", metavar="SEEDS", nargs="?", const="",
+                    help="each client's best constant answer on its test set (at --seed, or at each of the "
+                         "comma-separated SEEDS), then each task's floor: mean over its clients, mean ± std over seeds")
     args = ap.parse_args()
     formats = parse_formats(args.formats)
     if args.export:
         print(f"wrote {export_scenario(args.export, args.scenario, args.seed, formats=formats)}")
         raise SystemExit
+    if args.constant is not None:
+        floors = {}
+        for seed in [int(v) for v in args.constant.split(",") if v.strip()] or [args.seed]:
+            per_task = {}
+            for c in make_scenario(args.scenario, seed, formats=formats):
+                answer, value = constant_answer(c.task, c.test, formats["box_grid"])
+                print(f"seed {seed} client {c.id} ({c.task}): {value:.1f} {METRICS[c.task]} answering {answer!r}")
+                per_task.setdefault(c.task, []).append(value)
+            for task, values in per_task.items():
+                floors.setdefault(task, []).append(sum(values) / len(values))
+        for task, v in floors.items():
+            print(f"{task}: floor {statistics.mean(v):.1f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.1f} "
+                  f"over {len(v)} seed(s)")
+        raise SystemExit
     for c in make_scenario(args.scenario, args.seed, formats=formats):
-        if args.constant:
-            answer, value = constant_answer(c.task, c.test, formats["box_grid"])
-            print(f"client {c.id} ({c.task}): {value:.1f} {METRICS[c.task]} answering {answer!r} "
-                  f"to all {len(c.test)} test samples")
-            continue
         print(f"client {c.id} ({c.task}, {len(c.train)} train / {len(c.test)} test)")
         for s in c.train[:3]:
             print(f"   Q: {s.question:40s} A: {s.answer}")

@@ -219,7 +219,7 @@ def client_round(bb, ct: features.ClientTensors, download, private, stage, tasks
             # the connector runs in fp32 (its tensors are trainable); embed() casts to the LLM's dtype
             x_img, aux = conn(ct.h_train[idx].to(device).float())
             ce = pilot.lm_loss(model, x_img, ids.to(device), mask.to(device), labels.to(device),
-                               reduction="sample" if cfg.loss_mean == "samples" else "mean")
+                               reduction={"tokens": "mean", "samples": "sample"}[cfg.loss_mean])
             loss = ce + aux
             if anchor is not None:  # FedProx: stay near the round's starting point
                 loss = loss + cfg.mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(params, anchor))

@@ -73,14 +73,15 @@ DIGIT_FONT = {  # 3x5 pixel font, rows top to bottom
 # decimal; q > 0: the box snapped outward to a q x q grid (two decimals); box_cell 1 (with q > 0):
 # instead the grid cell holding the object's centre, one of q * q answers; box_say 1: the answer
 # names the object before its box as the alignment corpus does with name_boxes ('<size> <colour>
-# <shape> at [x1, y1, x2, y2]', two decimals; scored on the box alone). ocr_place "anywhere" or
+# <shape> at [x1, y1, x2, y2]', two decimals; scored on the box alone); box_objects n: a grounding
+# scene draws 1 to n objects; box_large 1: only large ones (a rendering knob). ocr_place "anywhere" or
 # "centre": where the number is drawn; ocr_digits: its length range; ocr_dot_px 0: 1.5 px a font dot
 # up to 3 digits, 1.25 px for 4, else that size. train_omit (a calibration knob of the data's skew,
 # not of a format): groups of colour or shape names ("yellow+triangle"); client k's training scenes
 # draw no object of a name in group k % len, its test scenes draw every one, so what it lacks another
 # client holds.
-FORMATS = dict(box_grid=0, box_cell=0, box_say=0, ocr_place="anywhere", ocr_digits=(2, 4), ocr_dot_px=0.0,
-               train_omit=())
+FORMATS = dict(box_grid=0, box_cell=0, box_say=0, box_objects=3, box_large=0, ocr_place="anywhere", ocr_digits=(2, 4),
+               ocr_dot_px=0.0, train_omit=())
 
 
 def parse_formats(text: str) -> dict:
@@ -92,24 +93,27 @@ def parse_formats(text: str) -> dict:
             raise ValueError(f"unknown format {key!r}; expected one of {sorted(FORMATS)}")
         try:
             lo, _, hi = value.partition("-")
-            out[key] = {"box_grid": int, "box_cell": int, "box_say": int, "ocr_place": str, "ocr_dot_px": float,
+            out[key] = {"box_grid": int, "box_cell": int, "box_say": int, "box_objects": int, "box_large": int,
+                        "ocr_place": str, "ocr_dot_px": float,
                         "ocr_digits": lambda v: (int(lo), int(hi or lo)),
                         "train_omit": lambda v: tuple(tuple(n.split("+")) for n in v.split("/"))}[key](value)
         except ValueError:
             raise ValueError(f"format {part!r}: not a valid value") from None
         ok = {"box_grid": lambda v: v >= 0, "box_cell": lambda v: v in (0, 1), "box_say": lambda v: v in (0, 1),
+              "box_objects": lambda v: 1 <= v <= 3, "box_large": lambda v: v in (0, 1),
               "ocr_place": lambda v: v in ("anywhere", "centre"),
-              "ocr_digits": lambda v: 1 <= v[0] <= v[1] <= 4, "ocr_dot_px": lambda v: 0 <= v <= 2.5,
+              "ocr_digits": lambda v: 1 <= v[0] <= v[1] <= 4, "ocr_dot_px": lambda v: 0 <= v <= 6,
               "train_omit": lambda v: {n for grp in v for n in grp} <= set(COLOURS) | set(SHAPES)}[key]
         if not ok(out[key]):
-            raise ValueError(f"format {part!r}: out of range (box_grid >= 0, box_cell and box_say 0|1, "
-                             f"ocr_place anywhere|centre, ocr_digits 1-4, ocr_dot_px 0-2.5, train_omit colour or "
+            raise ValueError(f"format {part!r}: out of range (box_grid >= 0, box_cell, box_say and box_large 0|1, "
+                             f"box_objects 1-3, "
+                             f"ocr_place anywhere|centre, ocr_digits 1-4, ocr_dot_px 0-6, train_omit colour or "
                              f"shape names joined by '+' in groups joined by '/')")
     if out["box_cell"] and not out["box_grid"]:
         raise ValueError("formats: box_cell=1 needs a grid (box_grid > 0)")
     px, longest = out["ocr_dot_px"], out["ocr_digits"][1]
-    if (4 * longest - 1) * px > IMAGE_SIZE:
-        raise ValueError(f"formats: {longest} digits of {px} px dots are wider than the {IMAGE_SIZE}-pixel image")
+    if (4 * longest - 1) * px > IMAGE_SIZE or 5 * px > IMAGE_SIZE:
+        raise ValueError(f"formats: {longest} digits of {px} px dots do not fit in the {IMAGE_SIZE}-pixel image")
     return out
 
 
@@ -182,13 +186,13 @@ def _place(g, objs, r, S=IMAGE_SIZE, tries=60):
     return None
 
 
-def random_scene(g, domain, n_objects, colours=tuple(COLOURS), shapes=SHAPES):
-    """n distinct (colour, shape) objects, placed without overlap."""
+def random_scene(g, domain, n_objects, colours=tuple(COLOURS), shapes=SHAPES, sizes=tuple(SIZES)):
+    """n distinct (colour, shape) objects of the given size names, placed without overlap."""
     if n_objects > len(colours) * len(shapes):
         raise ValueError(f"{n_objects} distinct objects cannot be drawn from {len(colours)} colours x {len(shapes)} shapes")
     objs, used = [], set()
     while len(objs) < n_objects:
-        colour, shape, size = _choice(g, list(colours)), _choice(g, shapes), _choice(g, list(SIZES))
+        colour, shape, size = _choice(g, list(colours)), _choice(g, shapes), _choice(g, list(sizes))
         if (colour, shape) in used:
             continue
         lo, hi = SIZES[size]
@@ -307,7 +311,9 @@ def make_sample(g, task, domain, formats=FORMATS, omit=()):
         colour = _choice(g, list(COLOURS))
         image = render(g, domain, objs, (digits, colour, x0, y0, px))
         return Sample(image, "what number is written?", digits, task)
-    objs = random_scene(g, domain, _randint(g, 1, 3), **names)
+    most, sizes = (formats["box_objects"], ("large",) if formats["box_large"] else tuple(SIZES)) \
+        if task == "grounding" else (3, tuple(SIZES))
+    objs = random_scene(g, domain, _randint(g, 1, most), sizes=sizes, **names)
     image = render(g, domain, objs)
     if task == "caption":
         return Sample(image, "describe the image briefly.", caption_text(objs), task)

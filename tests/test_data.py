@@ -55,13 +55,15 @@ def test_grid_boxes_and_the_calibration_formats(monkeypatch):
     assert data.box_text([0.31, 0.05, 0.55, 0.5]) == "[0.3, 0.1, 0.6, 0.5]"    # the benchmark's format
     assert data.parse_formats("") == data.FORMATS
     f = data.parse_formats("box_grid=4, ocr_place=centre,ocr_digits=1,ocr_dot_px=2")
-    assert f == {"box_grid": 4, "box_cell": 0, "box_say": 0, "ocr_place": "centre", "ocr_digits": (1, 1),
-                 "ocr_dot_px": 2.0, "train_omit": ()}
+    assert f == {"box_grid": 4, "box_cell": 0, "box_say": 0, "box_objects": 3, "box_large": 0, "ocr_place": "centre",
+                 "ocr_digits": (1, 1), "ocr_dot_px": 2.0, "train_omit": ()}
     assert data.parse_formats("ocr_digits=1-3")["ocr_digits"] == (1, 3)
     for bad, why in (("box_grid=1.5", "not a valid value"), ("ocr_place=top", "out of range"),
-                     ("ocr_digits=3-2", "out of range"), ("ocr_digits=4,ocr_dot_px=2.5", "wider than"),
+                     ("ocr_digits=3-2", "out of range"), ("ocr_digits=4,ocr_dot_px=2.5", "do not fit"),
                      ("font=big", "unknown format"), ("train_omit=yellow/pink", "out of range"),
-                     ("box_cell=2", "out of range"), ("box_cell=1", "needs a grid"), ("box_say=yes", "not a valid")):
+                     ("box_cell=2", "out of range"), ("box_cell=1", "needs a grid"), ("box_say=yes", "not a valid"),
+                     ("box_objects=0", "out of range"), ("box_objects=4", "out of range"), ("box_large=2", "out of range"),
+                     ("ocr_dot_px=7", "out of range")):
         with pytest.raises(ValueError, match=why):
             data.parse_formats(bad)
     s = data.make_sample(torch.Generator().manual_seed(3), "grounding", data.NEUTRAL, f)
@@ -85,6 +87,32 @@ def test_grid_boxes_and_the_calibration_formats(monkeypatch):
         ink = (x.image - x.image[:, :1, :1]).abs().sum(0) > 0.05
         cols, rows = ink.any(0).nonzero().flatten(), ink.any(1).nonzero().flatten()
         assert cols.min() >= 13 and cols.max() <= 18 and rows.min() >= 11 and rows.max() <= 20
+    # a glyph of 4 px dots (12 x 20 pixels) covers columns 10-21 and rows 6-25
+    big = data.make_sample(torch.Generator().manual_seed(0), "ocr", data.Domain(), {**f, "ocr_dot_px": 4.0})
+    ink = (big.image - big.image[:, :1, :1]).abs().sum(0) > 0.05
+    cols, rows = ink.any(0).nonzero().flatten(), ink.any(1).nonzero().flatten()
+    assert cols.min() >= 10 and cols.max() <= 21 and rows.min() >= 6 and rows.max() <= 25 and rows.max() - rows.min() >= 16
+
+
+def test_grounding_scenes_of_one_large_object(monkeypatch):
+    drawn = []   # (task's number of objects, the size names it may draw) per scene
+    scene = data.random_scene
+    monkeypatch.setattr(data, "random_scene", lambda g, d, n, **k: drawn.append((n, k["sizes"])) or scene(g, d, n, **k))
+    f = data.parse_formats("box_say=1,box_objects=1,box_large=1")
+    for k in range(20):
+        s = data.make_sample(torch.Generator().manual_seed(k), "grounding", data.NEUTRAL, f)
+        x1, y1, x2, y2 = data.parse_box(s.answer)
+        assert s.answer.startswith("large ") and min(x2 - x1, y2 - y1) >= 2 * data.SIZES["large"][0] / data.IMAGE_SIZE - 0.01   # two decimals
+    assert drawn == [(1, ("large",))] * 20
+    drawn.clear()   # the other tasks keep 1-3 objects of both sizes
+    for k in range(20):
+        data.make_sample(torch.Generator().manual_seed(k), "caption", data.NEUTRAL, f)
+    assert {n for n, _ in drawn} == {1, 2, 3} and {sizes for _, sizes in drawn} == {tuple(data.SIZES)}
+    two = data.parse_formats("box_objects=2")
+    drawn.clear()
+    for k in range(20):
+        data.make_sample(torch.Generator().manual_seed(k), "grounding", data.NEUTRAL, two)
+    assert {n for n, _ in drawn} == {1, 2}
 
 
 def test_train_omit_takes_its_names_from_each_clients_training_scenes_only():

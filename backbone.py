@@ -9,9 +9,9 @@ LLaVA checkpoint in Hugging Face format, loaded the same way; plus prompt encodi
 The tiny backbone is a real LlavaForConditionalGeneration (a small CLIP vision tower, a small Llama,
 the LLaVA-1.5 two-layer projector), a word-level PreTrainedTokenizerFast over the synthetic world's
 vocabulary, and a CLIP image processor, saved with save_pretrained (safetensors). It is pretrained
-briefly, deterministically and in full (vision tower, projector, LLM) on data.pretraining_corpus, a
-neutral "describe the objects" set disjoint from every client's data, so that the frozen parts mean
-something. Its directory is keyed by a hash of its config, pretraining settings and seed under
+briefly and deterministically, so that the frozen parts mean something: the vision tower alone on a
+dense per-patch objective (pretrain_vision), then in full (vision tower, projector, LLM) on
+data.pretraining_corpus, a neutral "describe the objects" set disjoint from every client's data. Its directory is keyed by a hash of its config, pretraining settings and seed under
 $PILOT_CACHE (default ~/.cache/pilot-fedmit).
 """
 import hashlib
@@ -32,12 +32,15 @@ import pilot
 TINY = dict(  # the embedded backbone; about 0.6M parameters
     image_size=data.IMAGE_SIZE, patch_size=8, vision_hidden=64, vision_layers=3, vision_heads=4,
     text_hidden=128, text_layers=2, text_heads=4, text_intermediate=256, max_positions=160)
-PRETRAIN = dict(n_samples=8000, epochs=4, batch_size=32, lr=1e-3, warmup=50, seed=0)
-# Calibration variants of the recipe (README, "Calibration"; off in the benchmark), set by adding keys:
-# vision_steps=N: N steps of dense vision pretraining first (pretrain_vision); colours=(...),
-# shapes=(...): the only ones the alignment corpus draws and names; name_boxes=True: it names each
-# object's box, not its centre; text_share=p, text_px=(lo, hi): how many of its images carry a
-# number, and how large (data.pretraining_corpus). Any key changes the cache key.
+# The recipe (README, "The embedded backbone"; RESULTS.md for why each part):
+# vision_steps: steps of dense vision pretraining first (pretrain_vision), on every colour and shape;
+# colours, shapes: the only ones the alignment corpus then draws and names, so that the other two
+# colours and two shapes are learnt from the clients' data; name_boxes: the alignment names each
+# object's box, not its centre. Variants set or add keys (text_share=p, text_px=(lo, hi): how many of
+# the alignment's images carry a number, and how large; data.pretraining_corpus); any change of
+# PRETRAIN changes the cache key.
+PRETRAIN = dict(n_samples=8000, epochs=4, batch_size=32, lr=1e-3, warmup=50, seed=0,
+                vision_steps=2000, colours=("red", "green", "blue"), shapes=("circle", "square"), name_boxes=True)
 TINY_PROMPT = "USER: <image> {question} ASSISTANT:"
 LLAVA_PROMPT = "USER: <image>\n{question} ASSISTANT:"  # Vicuna v1, LLaVA-1.5's conversation format
 FORMAT_VERSION = 1   # bump when the tiny backbone's recipe changes, so old caches are not reused

@@ -9,13 +9,15 @@ The synthetic world is designed from three principles (PILOT_METHOD.md, "Task: F
 until any method wins:
 - task heterogeneity: every client holds ONE task type with its own instruction and answer format:
   captioning ("a large red circle left of a small blue square"), VQA about colour, shape, size,
-  count and left/right relations (one-word answers), grounding (referring expression -> normalised
-  box "[x1, y1, x2, y2]" with one decimal) and, in Scenario B, text reading (a 2-4 digit string
-  drawn with a hand-made 3x5 pixel font). These two formats are calibration knobs (FORMATS,
-  run.py --formats: boxes on a coarse grid or its cell holding the centre, a number of fewer digits,
-  larger, in the centre), and so is the training data's skew (train_omit: each client's training
-  scenes lack names its test scenes draw, and other clients hold); the benchmark uses the defaults.
-  `constant_answer` gives each client's floor: what one fixed answer scores on its test set.
+  count and left/right relations (one-word answers), grounding (referring expression -> the
+  object named and its normalised box, "large red circle at [0.58, 0.06, 0.93, 0.41]", scored on
+  the box) and, in Scenario B, text reading (a digit drawn with a hand-made 3x5 pixel font). Their
+  formats and rendering are calibration knobs (FORMATS, run.py --formats), and so is the training
+  data's skew (train_omit). The benchmark's values are those a tiny model learns (RESULTS.md, step
+  43): a grounding scene holds one large object, the digit is one, of 4-pixel dots, in the centre,
+  and each client's training scenes lack one colour or shape name that its test scenes draw and
+  another client of its task holds. `constant_answer` gives each client's floor: what one fixed
+  answer scores on its test set.
 - client heterogeneity: each client draws its own visual domain (background level and tint, a
   background gradient, a palette shift of the object colours, pixel noise, object scale), so
   client-specific visual features matter.
@@ -41,7 +43,9 @@ The embedded benchmark is this world, these scenarios and run.py's "tiny" preset
 
 The embedded backbone is pretrained on a separate "describe the objects" corpus from a neutral
 domain (plain grey backgrounds, no noise, unit scale; `pretraining_corpus`), disjoint from the
-clients' data: it gives the vision tower and the LLM their concepts, never the clients' formats.
+clients' data: it gives the vision tower and the LLM their concepts and names an object with its
+box as grounding's answers do, but names only three colours and two shapes (backbone.PRETRAIN), and
+never sees the clients' domains or instructions.
 
 Metrics (hand-written, percent units): CIDEr-D for captions, normalised exact-match accuracy for VQA
 and text reading, accuracy at IoU >= 0.5 for grounding (an unparsable box scores 0).
@@ -68,24 +72,31 @@ DIGIT_FONT = {  # 3x5 pixel font, rows top to bottom
     "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
     "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001010010010",
     "8": "111101111101111", "9": "111101111001111"}
-# The answer formats and rendering of the two hardest tasks: the calibration's knobs (README,
-# "Calibration"; run.py --formats), at the benchmark's values. box_grid 0: box coordinates with one
-# decimal; q > 0: the box snapped outward to a q x q grid (two decimals); box_cell 1 (with q > 0):
-# instead the grid cell holding the object's centre, one of q * q answers; box_say 1: the answer
-# names the object before its box as the alignment corpus does with name_boxes ('<size> <colour>
-# <shape> at [x1, y1, x2, y2]', two decimals; scored on the box alone); box_objects n: a grounding
-# scene draws 1 to n objects; box_large 1: only large ones (a rendering knob). ocr_place "anywhere" or
-# "centre": where the number is drawn; ocr_digits: its length range; ocr_dot_px 0: 1.5 px a font dot
-# up to 3 digits, 1.25 px for 4, else that size. train_omit (a calibration knob of the data's skew,
-# not of a format): groups of colour or shape names ("yellow+triangle"); client k's training scenes
-# draw no object of a name in group k % len, its test scenes draw every one, so what it lacks another
-# client holds.
-FORMATS = dict(box_grid=0, box_cell=0, box_say=0, box_objects=3, box_large=0, ocr_place="anywhere", ocr_digits=(2, 4),
-               ocr_dot_px=0.0, train_omit=())
+# The answer formats and rendering of the two hardest tasks, and the training data's skew: the
+# calibration's knobs (README, "The embedded benchmark"; RESULTS.md; run.py --formats
+# changes some of them), at the benchmark's values.
+# - box_grid 0: exact box coordinates; q > 0: the box snapped outward to a q x q grid (two decimals);
+#   box_cell 1 (with q > 0): instead the grid cell holding the object's centre, one of q * q answers.
+# - box_say 1: the answer names the object before its box as the alignment corpus does with
+#   name_boxes ('<size> <colour> <shape> at [x1, y1, x2, y2]', two decimals; scored on the box
+#   alone); 0: the box alone, one decimal.
+# - box_objects n: a grounding scene draws 1 to n objects; box_large 1: only large ones (a rendering
+#   knob: at IoU >= 0.5 a small object's box leaves about one pixel of error, which the vision
+#   tower's 8-pixel patches do not resolve).
+# - ocr_place "anywhere" or "centre": where the number is drawn; ocr_digits: its length range;
+#   ocr_dot_px 0: 1.5 px a font dot up to 3 digits, 1.25 px for 4, else that size.
+# - train_omit: groups of colour or shape names ("yellow+triangle"); client k's training scenes draw
+#   no object of a name in group k % len, its test scenes draw every one, so what it lacks another
+#   client holds (the label skew of the federated-learning literature); empty: no skew.
+# The benchmark: one large object to ground, its box named first; one digit of 4 px dots in the
+# centre; each client lacking one of the four names the backbone's alignment leaves out
+# (backbone.PRETRAIN), which the other client of its task holds.
+FORMATS = dict(box_grid=0, box_cell=0, box_say=1, box_objects=1, box_large=1, ocr_place="centre", ocr_digits=(1, 1),
+               ocr_dot_px=4.0, train_omit=(("yellow",), ("purple",), ("triangle",), ("cross",)))
 
 
 def parse_formats(text: str) -> dict:
-    """'box_grid=4,ocr_place=centre,ocr_digits=1-2,ocr_dot_px=2' -> FORMATS with those values."""
+    """'box_grid=4,ocr_digits=1-2,ocr_dot_px=2' -> FORMATS with those values changed."""
     out = dict(FORMATS)
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, _, value = part.partition("=")
@@ -96,7 +107,7 @@ def parse_formats(text: str) -> dict:
             out[key] = {"box_grid": int, "box_cell": int, "box_say": int, "box_objects": int, "box_large": int,
                         "ocr_place": str, "ocr_dot_px": float,
                         "ocr_digits": lambda v: (int(lo), int(hi or lo)),
-                        "train_omit": lambda v: tuple(tuple(n.split("+")) for n in v.split("/"))}[key](value)
+                        "train_omit": lambda v: tuple(tuple(n.split("+")) for n in v.split("/")) if v else ()}[key](value)
         except ValueError:
             raise ValueError(f"format {part!r}: not a valid value") from None
         ok = {"box_grid": lambda v: v >= 0, "box_cell": lambda v: v in (0, 1), "box_say": lambda v: v in (0, 1),

@@ -82,7 +82,7 @@ class Config:
     features: str = "auto"      # where H_v lives: "memory", "disk" (cache file, memory-mapped), "auto" (features.py)
     features_max_mb: float = 1024.0   # "auto": a client's H_v above this many MB goes to the disk cache
     data: str = ""              # a scenario manifest of LLaVA-format data (default: synthetic scenario)
-    formats: str = ""           # synthetic data: calibration knobs, e.g. "box_grid=4" (data.FORMATS)
+    formats: str = ""           # synthetic data: changes to the benchmark's knobs, e.g. "box_objects=3" (data.FORMATS)
     eval_batch_size: int = 50
     mu: float = 0.01            # FedProx's μ
     eval_every_round: bool = False
@@ -691,9 +691,9 @@ def parse_args(argv=None):
     ap.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 16 tiny, 128 real)")
     ap.add_argument("--lora-targets", default=d.lora_targets, help="comma-separated names of the LLM's linear layers to adapt")
     ap.add_argument("--data", default=d.data, help="scenario manifest of LLaVA-format data (default: the synthetic scenario)")
-    ap.add_argument("--formats", default=d.formats, help="synthetic data: grounding's and text reading's formats "
-                    "and the training data's skew, e.g. box_grid=4,ocr_place=centre,ocr_digits=1-2,ocr_dot_px=2,"
-                    "train_omit=yellow/triangle (data.FORMATS; default: the benchmark's)")
+    ap.add_argument("--formats", default=d.formats, help="synthetic data: changes to the benchmark's formats of "
+                    "grounding and text reading and to its training data's skew, e.g. box_objects=3,box_large=0,"
+                    "ocr_digits=1-2,ocr_dot_px=2,train_omit= (data.FORMATS)")
     ap.add_argument("--dtype", default=d.dtype, choices=list(DTYPES), help="dtype of the frozen weights")
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the LLM")
     ap.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimiser step")

@@ -54,10 +54,11 @@ def test_grid_boxes_and_the_calibration_formats(monkeypatch):
     assert data.box_text(data.grid_box([0.30, 0.05, 0.55, 0.50], 4), 2) == "[0.25, 0.00, 0.75, 0.50]"
     assert data.box_text([0.31, 0.05, 0.55, 0.5]) == "[0.3, 0.1, 0.6, 0.5]"    # the benchmark's format
     assert data.parse_formats("") == data.FORMATS
-    f = data.parse_formats("box_grid=4, ocr_place=centre,ocr_digits=1,ocr_dot_px=2")
+    f = data.parse_formats("box_grid=4, box_say=0,box_objects=3,box_large=0,ocr_digits=1,ocr_dot_px=2,train_omit=")
     assert f == {"box_grid": 4, "box_cell": 0, "box_say": 0, "box_objects": 3, "box_large": 0, "ocr_place": "centre",
                  "ocr_digits": (1, 1), "ocr_dot_px": 2.0, "train_omit": ()}
-    assert data.parse_formats("ocr_digits=1-3")["ocr_digits"] == (1, 3)
+    assert data.parse_formats("ocr_place=anywhere") == {**data.FORMATS, "ocr_place": "anywhere"}   # the others kept
+    assert data.parse_formats("ocr_digits=1-3,ocr_dot_px=0")["ocr_digits"] == (1, 3)
     for bad, why in (("box_grid=1.5", "not a valid value"), ("ocr_place=top", "out of range"),
                      ("ocr_digits=3-2", "out of range"), ("ocr_digits=4,ocr_dot_px=2.5", "do not fit"),
                      ("font=big", "unknown format"), ("train_omit=yellow/pink", "out of range"),

@@ -96,8 +96,12 @@ def test_presets_the_benchmark_schedule_for_tiny_and_the_papers_for_checkpoints(
     assert run.steps_per_round(run.Config(local_steps=7), 33) == 7
 
 
-def test_backbone_probe_reports_its_own_baseline_exactly(small_backbone_dir):
+def test_backbone_probe_reports_its_own_baseline_exactly(small_backbone_dir, monkeypatch):
     bb = backbone.load_backbone(str(small_backbone_dir))
+    # the probe on a corpus naming every colour and shape, and centres (a variant of the recipe)
+    monkeypatch.setitem(backbone.PRETRAIN, "name_boxes", False)
+    for key in ("colours", "shapes"):
+        monkeypatch.delitem(backbone.PRETRAIN, key)
     r = backbone.probe(bb, n=200)
     one = [s for s in data.pretraining_corpus(200, 7)
            if s.question == "describe the objects." and " ; " not in s.answer and not s.answer.startswith("text")]
@@ -112,6 +116,8 @@ def test_backbone_probe_reports_its_own_baseline_exactly(small_backbone_dir):
 def test_backbone_probe_reads_the_middle_of_a_named_box(small_backbone_dir, monkeypatch):
     bb = backbone.load_backbone(str(small_backbone_dir))
     monkeypatch.setitem(backbone.PRETRAIN, "name_boxes", True)
+    for key in ("colours", "shapes"):     # every colour and shape named: only the boxes vary
+        monkeypatch.delitem(backbone.PRETRAIN, key)
     assert backbone.corpus_variant() == {"boxes": True}
     one = [s for s in data.pretraining_corpus(200, 7, boxes=True)
            if s.question == "describe the objects." and " ; " not in s.answer and not s.extra["text"]]

@@ -102,7 +102,7 @@ class Config:
 
 
 COMPARISON_SEEDS = [0, 1, 2, 3, 4]   # a comparison's seeds unless --seeds is given
-MAX_NEW_TOKENS = {"caption": 24, "vqa": 4, "grounding": 26, "ocr": 6}
+MAX_NEW_TOKENS = {"caption": 24, "vqa": 4, "grounding": 32, "ocr": 6}   # the tiny backbone's answers, EOS included
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -256,14 +256,14 @@ def client_model(bb, task, download, private, stage, tasks, cfg: Config):
 def answer(bb, conn, task, h_v, prompts, cfg: Config):
     """Greedy answers to encoded prompts about images with features h_v, eval_batch_size at a
     time, with the model client_model() set up."""
-    preds, say = [], not cfg.data and data.parse_formats(cfg.formats)["box_say"]
+    preds = []
     for i in range(0, len(prompts), cfg.eval_batch_size):
         batch = prompts[i:i + cfg.eval_batch_size]
         x_img, _ = conn(h_v[i:i + len(batch)].to(bb.model.device).float())
         ids, mask = bbmod.collate_prompts(batch, bb.tokenizer.pad_token_id)
-        # the tiny backbone's answers have known lengths (with box_say a box follows the object's
-        # words, up to 6 tokens more); a real model's answers stop at EOS within 64
-        limit = MAX_NEW_TOKENS[task] + 6 * (task == "grounding" and say) if cfg.backbone == "tiny" else 64
+        # the tiny backbone's answers have known lengths (a named box: 25 tokens), also when its
+        # data come from files (--data); a real model's answers stop at EOS within 64
+        limit = MAX_NEW_TOKENS[task] if cfg.backbone == "tiny" else 64
         out = pilot.generate(bb.model, x_img, ids.to(bb.model.device), mask.to(bb.model.device), limit,
                              bb.tokenizer.eos_token_id, bb.tokenizer.pad_token_id)
         preds += bb.tokenizer.batch_decode(out, skip_special_tokens=True)

@@ -173,3 +173,13 @@ def test_vision_pretraining_trains_the_vision_tower_alone(monkeypatch):
     assert changed and all(k.startswith("model.vision_tower.") for k in changed)
     assert any("layers.1." in k for k in changed)       # the layer LLaVA reads (-2) and those below it,
     assert not any("layers.2." in k for k in changed)   # not the last one, which nothing reads
+
+
+def test_generation_limits_hold_the_tiny_backbones_longest_answers():
+    # greedy decoding stops at EOS or at MAX_NEW_TOKENS: a limit below an answer's length cuts it
+    # (a named box cut before its last number is unparsable and scores 0), with or without --data
+    tok = backbone.tiny_tokenizer()
+    longest = {"caption": "a large purple triangle left of a large yellow triangle left of a small purple triangle",
+               "vqa": "purple", "grounding": "large purple triangle at [0.38, 0.35, 0.85, 0.82]", "ocr": "7"}
+    for task, text in longest.items():
+        assert len(tok(text, add_special_tokens=False)["input_ids"]) + 1 <= run.MAX_NEW_TOKENS[task], task

@@ -11,8 +11,9 @@ the LLaVA-1.5 two-layer projector), a word-level PreTrainedTokenizerFast over th
 vocabulary, and a CLIP image processor, saved with save_pretrained (safetensors). It is pretrained
 briefly and deterministically, so that the frozen parts mean something: the vision tower alone on a
 dense per-patch objective (pretrain_vision), then in full (vision tower, projector, LLM) on
-data.pretraining_corpus, a neutral "describe the objects" set disjoint from every client's data. Its directory is keyed by a hash of its config, pretraining settings and seed under
-$PILOT_CACHE (default ~/.cache/pilot-fedmit).
+data.pretraining_corpus, a neutral "describe the objects" set disjoint from every client's data.
+Its directory is keyed by a hash of its config, pretraining settings and seed under $PILOT_CACHE
+(default ~/.cache/pilot-fedmit).
 """
 import hashlib
 import json

@@ -261,7 +261,7 @@ def answer(bb, conn, task, h_v, prompts, cfg: Config):
         batch = prompts[i:i + cfg.eval_batch_size]
         x_img, _ = conn(h_v[i:i + len(batch)].to(bb.model.device).float())
         ids, mask = bbmod.collate_prompts(batch, bb.tokenizer.pad_token_id)
-        # the tiny backbone's answers have known lengths (a named box: 25 tokens), also when its
+        # the tiny backbone's answers have known lengths (a named box: up to 29 tokens), also when its
         # data come from files (--data); a real model's answers stop at EOS within 64
         limit = MAX_NEW_TOKENS[task] if cfg.backbone == "tiny" else 64
         out = pilot.generate(bb.model, x_img, ids.to(bb.model.device), mask.to(bb.model.device), limit,

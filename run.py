@@ -43,8 +43,8 @@ import report
 # short rounds, one learning-rate schedule over the whole run. "real": the paper's (R = 1 + 3 rounds
 # of whole local epochs, LoRA r 64, alpha 128) for LLaVA checkpoints.
 PRESETS = {
-    "tiny": dict(rounds_stage1=4, rounds_stage2=16, local_steps=10, lora_r=8, lora_alpha=16.0),
-    "real": dict(rounds_stage1=1, rounds_stage2=3, local_steps=0, lora_r=64, lora_alpha=128.0),
+    "tiny": dict(rounds_stage1=4, rounds_stage2=16, local_steps=10, lora_r=8, lora_alpha=16.0, checkpoint="round"),
+    "real": dict(rounds_stage1=1, rounds_stage2=3, local_steps=0, lora_r=64, lora_alpha=128.0, checkpoint="client"),
 }
 
 
@@ -53,6 +53,7 @@ class Config:
     scenario: str = "A"
     method: str = "pilot"
     seed: int = 0
+    data_seed: int = None       # the synthetic data's draw; None: seed's (one seed draws the data and the training)
     # None: the backbone's preset (PRESETS above: the embedded benchmark's schedule, or the paper's)
     rounds_stage1: int = None   # R1 [reading]: stage 1 for the first R1 rounds
     rounds_stage2: int = None   # R2: stage 2 (CT-MoA) for the next R2 rounds
@@ -88,6 +89,9 @@ class Config:
     eval_every_round: bool = False
     # reliability
     resume: bool = False        # continue the run checkpointed in OUT
+    # when the federation state is written: "client" after every client and every aggregation, "round" after
+    # every aggregation only (a tiny client round takes half a second, a checkpoint a tenth of one)
+    checkpoint: str = None
     faults: str = ""            # fault injection, e.g. "client=3:nan", "client=3:scale=100", "client=3:drop"
     norm_screen: float = 5.0    # [our addition beyond the paper] reject updates above this x the round's median norm; 0: off
     # shrinking the scenario (tests, quick looks): None keeps the scenario's own sizes
@@ -389,7 +393,8 @@ def load_clients(cfg: Config):
     if cfg.data:
         name, clients = data.load_manifest(cfg.data, keep=cfg.clients)
         return replace(cfg, scenario=name), clients
-    return cfg, data.make_scenario(cfg.scenario, cfg.seed, cfg.clients, cfg.n_train, cfg.n_test,
+    data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
+    return cfg, data.make_scenario(cfg.scenario, data_seed, cfg.clients, cfg.n_train, cfg.n_test,
                                    data.parse_formats(cfg.formats))
 
 
@@ -474,7 +479,7 @@ def as_download_of(task, pooled_download):
 
 # ----------------------------------------------------------------------------- the simulation
 # the settings a --resume must share with the run it continues
-RESUME_KEYS = ("scenario", "method", "backbone", "seed", "rounds_stage1", "rounds_stage2", "local_steps", "local_epochs", "top_m",
+RESUME_KEYS = ("scenario", "method", "backbone", "seed", "data_seed", "rounds_stage1", "rounds_stage2", "local_steps", "local_epochs", "top_m",
                "lr_stage1", "lr_stage2", "batch_size", "lora_r", "lora_alpha", "lora_targets", "dtype", "grad_accum",
                "clients", "n_train", "n_test", "data", "formats", "mu", "faults", "norm_screen", "max_length",
                "lambda_d", "lambda_b", "lambda_z", "grad_clip", "warmup_ratio", "loss_mean")
@@ -513,8 +518,8 @@ def evaluate_all(bb, cts, downloads, private, stage, tasks, cfg):
 
 def run(cfg: Config, log=print):
     """One federated run of cfg.method; writes and returns results.json's content. The federation
-    state is checkpointed after every client and every aggregation (checkpoint.py); with
-    cfg.resume the run continues from OUT's checkpoint."""
+    state is checkpointed after every aggregation, and after every client with cfg.checkpoint
+    "client" (checkpoint.py); with cfg.resume the run continues from OUT's checkpoint."""
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     cfg = with_defaults(cfg, log)
@@ -597,7 +602,8 @@ def run(cfg: Config, log=print):
             log(f"  client {k} ({ct.task}) round {r + 1}: {trained}; peak memory {rss or 0:.0f} MB resident"
                 + (f", {cuda:.0f} MB CUDA" if cuda else ""))
             done = done + [k]
-            commit(r, done)
+            if cfg.checkpoint == "client":
+                commit(r, done)
         ata_did = {}
         downloads, accepted = server_step(uploads, downloads, train_tasks_of, train_n, expected, cfg, log, ata_did)
         private = settle_private(private, pending, accepted)
@@ -662,7 +668,10 @@ def parse_args(argv=None):
                     help="A: caption/VQA/grounding, 6 clients; B: adds text reading, 8 unbalanced clients")
     ap.add_argument("--method", default=d.method, choices=list(METHODS), help="federated method or ablation")
     ap.add_argument("--methods", default=None, help="comparison: comma-separated methods, or 'all'")
-    ap.add_argument("--seed", type=int, default=d.seed, help="seeds the data, the adapters' init and the data order")
+    ap.add_argument("--seed", type=int, default=d.seed, help="seeds the adapters' init and the batch order, and the data unless --data-seed")
+    ap.add_argument("--data-seed", type=int, default=d.data_seed,
+                    help="synthetic data: draw the data with this seed whatever --seed/--seeds are, so that the "
+                         "seeds vary the training only (default: each seed draws its own data)")
     ap.add_argument("--seeds", default=None, help="comparison: comma-separated seeds (default 0,1,2,3,4)")
     ap.add_argument("--mu", type=float, default=d.mu, help="FedProx's proximal weight μ")
     ap.add_argument("--eval-every-round", action="store_true", help="evaluate every client after every round")
@@ -704,6 +713,9 @@ def parse_args(argv=None):
                     help="--features auto: a client's features above this many MB go to the disk cache")
     ap.add_argument("--max-length", type=int, default=d.max_length, help="maximum tokens per sample")
     ap.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
+    ap.add_argument("--checkpoint", default=None, choices=["client", "round"],
+                    help="write the federation state after every client, or after every round only "
+                         "(default: round for the tiny backbone, client for a checkpoint)")
     ap.add_argument("--faults", default=d.faults, help='fault injection: "client=3:nan", "client=3:scale=100", "client=3:drop" '
                     '(comma-separated; "@2" after one: in round 2 only)')
     ap.add_argument("--norm-screen", type=float, default=d.norm_screen,
@@ -764,6 +776,8 @@ def check_config(cfg: Config):
         raise ValueError(str(e)) from None
     if cfg.formats and cfg.data:
         raise ValueError("--formats: shapes the synthetic scenarios only, not --data")
+    if cfg.data_seed is not None and cfg.data:
+        raise ValueError("--data-seed: draws the synthetic scenarios only, not --data")
 
 
 if __name__ == "__main__":

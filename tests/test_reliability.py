@@ -127,6 +127,18 @@ def test_kill_and_resume_ends_exactly_like_an_uninterrupted_run(small_backbone_d
         assert ta.keys() == tb.keys() and all(torch.equal(ta[key], tb[key]) for key in ta)
 
 
+def test_round_checkpoints_are_written_after_each_aggregation_only(small_backbone_dir, tmp_path, monkeypatch):
+    written, save = [], checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda out, meta, groups: (written.append(meta["progress"]), save(out, meta, groups)))
+    base = dict(clients=[0, 2], n_train=8, n_test=2, batch_size=4, rounds_stage1=1, rounds_stage2=1, top_m=1,
+                backbone=str(small_backbone_dir))
+    run.run(run.Config(**base, checkpoint="round", out=str(tmp_path / "round")), log=lambda *a: None)
+    assert [(p["round"], p["done"]) for p in written] == [(1, []), (2, [])]
+    written.clear()
+    run.run(run.Config(**base, out=str(tmp_path / "client")), log=lambda *a: None)   # a checkpoint's preset
+    assert [(p["round"], p["done"]) for p in written] == [(0, [0]), (0, [0, 1]), (1, []), (1, [0]), (1, [0, 1]), (2, [])]
+
+
 def test_a_rejected_round_rolls_the_clients_private_state_back(small_backbone_dir, tmp_path):
     """Client 1's upload in round 2 has a NaN and is rejected; the private state (ψ_s) that round
     trained is discarded, so round 3 trains from the state of round 1. That is exactly what a client

@@ -1,6 +1,7 @@
 """The backbone's save/load round trip, the client and server steps, and a small end-to-end run."""
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -86,9 +87,10 @@ def test_end_to_end_two_clients_writes_results(small_backbone_dir, tmp_path):
 
 def test_presets_the_benchmark_schedule_for_tiny_and_the_papers_for_checkpoints():
     tiny, _, _ = run.parse_args([])
-    assert (tiny.rounds_stage1, tiny.rounds_stage2, tiny.local_steps, tiny.lora_r) == (4, 16, 10, 8)
+    assert (tiny.rounds_stage1, tiny.rounds_stage2, tiny.local_steps, tiny.lora_r, tiny.checkpoint) == (4, 16, 10, 8, "round")
     real, _, _ = run.parse_args(["--backbone", "llava-hf/llava-1.5-7b-hf"])
-    assert (real.rounds_stage1, real.rounds_stage2, real.local_steps, real.lora_r, real.lora_alpha) == (1, 3, 0, 64, 128.0)
+    assert (real.rounds_stage1, real.rounds_stage2, real.local_steps, real.lora_r, real.lora_alpha,
+            real.checkpoint) == (1, 3, 0, 64, 128.0, "client")
     given, _, _ = run.parse_args(["--backbone", "llava-hf/llava-1.5-7b-hf", "--local-steps", "5", "--lora-r", "16"])
     assert (given.local_steps, given.lora_r, given.rounds_stage2) == (5, 16, 3)
     # whole epochs when --local-steps is 0: ceil(ceil(n / batch) / grad_accum) per epoch
@@ -183,3 +185,20 @@ def test_generation_limits_hold_the_tiny_backbones_longest_answers():
                "vqa": "purple", "grounding": "large purple triangle at [0.38, 0.35, 0.85, 0.82]", "ocr": "7"}
     for task, text in longest.items():
         assert len(tok(text, add_special_tokens=False)["input_ids"]) + 1 <= run.MAX_NEW_TOKENS[task], task
+
+
+def test_data_seed_holds_the_data_while_the_seed_varies_the_training(tmp_path):
+    def drawn(**kw):
+        _, (c,) = run.load_clients(run.Config(clients=[2], n_train=3, n_test=2, **kw))
+        return [(s.question, s.answer, s.image) for s in c.train + c.test]
+
+    def same(a, b):
+        return all(x[:2] == y[:2] and torch.equal(x[2], y[2]) for x, y in zip(a, b))
+
+    held, own = drawn(seed=3, data_seed=0), drawn(seed=3)
+    assert same(held, drawn(seed=0)) and not same(own, held)
+    assert run.parse_args(["--data-seed", "0", "--seeds", "0,1"])[0].data_seed == 0
+    manifest = tmp_path / "m.json"
+    manifest.write_text('{"clients": []}')
+    with pytest.raises(ValueError, match="--data-seed: draws the synthetic scenarios only"):
+        run.check_config(run.Config(data=str(manifest), data_seed=0))

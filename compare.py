@@ -48,7 +48,9 @@ def summarise(scenario, seeds, results):
             "communicated_params": runs[0]["communicated_params"],
             "wall_s": round(sum(r["wall_s"] for r in runs), 1),
         }
-    return {"scenario": scenario, "seeds": list(seeds), "methods": methods}
+    # None: every seed drew its own data; a number: the data drawn once with it (--data-seed)
+    data_seed = next(iter(results.values()))[0].get("config", {}).get("data_seed")
+    return {"scenario": scenario, "seeds": list(seeds), "data_seed": data_seed, "methods": methods}
 
 
 def len_rounds(res):
@@ -66,8 +68,9 @@ def markdown(summary):
     cell = lambda m, c: methods[m]["average"] if c == "average" else methods[m]["per_task"][c]
     best = {c: max(cell(m, c)["mean"] for m in methods) for c in cols}
     pm = lambda v, f=".1f": "–" if v is None else f"{v['mean']:+{f}} ± {v['std']:{f}}"
-    lines = [f"Scenario {summary['scenario']}, seeds {', '.join(map(str, summary['seeds']))} (mean ± std over seeds; "
-             "Δ: the per-seed difference to Local, mean ± std)", "",
+    held = "" if summary.get("data_seed") is None else f", the data drawn once with seed {summary['data_seed']}"
+    lines = [f"Scenario {summary['scenario']}, seeds {', '.join(map(str, summary['seeds']))}{held} (mean ± std over "
+             "seeds; Δ: the per-seed difference to Local, mean ± std)", "",
              "| method | " + " | ".join(cols) + " | Δ average vs local |", "|---" * (len(cols) + 2) + "|"]
     for m in methods:
         cells = []

@@ -40,6 +40,7 @@ from flwr.serverapp import Grid, ServerApp
 
 import backbone
 import checkpoint
+import cli
 import data
 import faults
 import features
@@ -77,7 +78,7 @@ def config_from(run_config) -> run.Config:
             value = [int(x) for x in str(value).split(",")]
         kw[name] = value
     cfg = run.Config(**kw)
-    run.check_config(cfg)
+    cli.check_config(cfg)
     return cfg
 
 

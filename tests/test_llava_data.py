@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import backbone
+import cli
 import data
 import features
 
@@ -212,20 +213,20 @@ def test_greyscale_rgba_and_large_images_are_read(tmp_path, hf_checkpoint):
 def test_default_top_m_fits_a_three_client_manifest(tmp_path):
     import run
     manifest = data.export_scenario(tmp_path, "A", 0, limit_clients=[0, 2, 4], n_train=1, n_test=1)
-    cfg, _, _ = run.parse_args(["--data", str(manifest)])
+    cfg, _, _ = cli.parse_args(["--data", str(manifest)])
     assert cfg.top_m is None
     logs = []
     assert run.with_defaults(cfg, logs.append).top_m == 2 and "M = min(3, K - 1) = 2" in logs[0]
     assert run.with_defaults(run.Config(), logs.append).top_m == 3          # Scenario A's 6 clients
     with pytest.raises(SystemExit):
-        run.parse_args(["--data", str(manifest), "--top-m", "3"])          # explicit and too large: an error
+        cli.parse_args(["--data", str(manifest), "--top-m", "3"])          # explicit and too large: an error
 
 
 def test_loss_weights_are_settings_recorded_and_checked_on_resume():
     import run
-    cfg, _, _ = run.parse_args(["--lambda-d", "0.5", "--lambda-b", "0.2", "--lambda-z", "0"])
+    cfg, _, _ = cli.parse_args(["--lambda-d", "0.5", "--lambda-b", "0.2", "--lambda-z", "0"])
     assert (cfg.lambda_d, cfg.lambda_b, cfg.lambda_z) == (0.5, 0.2, 0.0)
-    assert run.parse_args([])[0].lambda_d == 0.1 and run.parse_args([])[0].lambda_z == 0.01
+    assert cli.parse_args([])[0].lambda_d == 0.1 and cli.parse_args([])[0].lambda_z == 0.01
     assert {"lambda_d", "lambda_b", "lambda_z"} <= set(run.RESUME_KEYS)
     assert run.loss_weights(cfg) == {"lambda_d": 0.5, "lambda_b": 0.2, "lambda_z": 0.0}
 

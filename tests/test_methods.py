@@ -214,6 +214,11 @@ def test_comparison_gives_mean_std_and_the_paired_difference_to_local():
     table = compare.markdown(s)
     assert "| pilot | **23.0 ± 12.1** | **23.0 ± 12.1** | +3.0 ± 2.6 |" in table
     assert "| pilot | 0.833 ± 0.116 | -0.067 ± 0.058 | 0.50 |" in table
+    assert table.startswith("Scenario A, seeds 0, 1, 2 (mean") and s["data_seed"] is None
+    held = {m: [dict(r, config=dict(r["config"], data_seed=0)) for r in runs] for m, runs in
+            {"local": [res(10, 1.0), res(20, 0.9)]}.items()}
+    assert compare.markdown(compare.summarise("A", [0, 1], held)).startswith(
+        "Scenario A, seeds 0, 1, the data drawn once with seed 0 (mean")
 
 
 def test_a_change_of_rounding_moves_results_less_than_a_change_of_seed(small_backbone_dir, tmp_path):

@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 import backbone
+import cli
 import data
 import features
 import pilot
@@ -86,12 +87,12 @@ def test_end_to_end_two_clients_writes_results(small_backbone_dir, tmp_path):
 
 
 def test_presets_the_benchmark_schedule_for_tiny_and_the_papers_for_checkpoints():
-    tiny, _, _ = run.parse_args([])
+    tiny, _, _ = cli.parse_args([])
     assert (tiny.rounds_stage1, tiny.rounds_stage2, tiny.local_steps, tiny.lora_r, tiny.checkpoint) == (4, 16, 10, 8, "round")
-    real, _, _ = run.parse_args(["--backbone", "llava-hf/llava-1.5-7b-hf"])
+    real, _, _ = cli.parse_args(["--backbone", "llava-hf/llava-1.5-7b-hf"])
     assert (real.rounds_stage1, real.rounds_stage2, real.local_steps, real.lora_r, real.lora_alpha,
             real.checkpoint) == (1, 3, 0, 64, 128.0, "client")
-    given, _, _ = run.parse_args(["--backbone", "llava-hf/llava-1.5-7b-hf", "--local-steps", "5", "--lora-r", "16"])
+    given, _, _ = cli.parse_args(["--backbone", "llava-hf/llava-1.5-7b-hf", "--local-steps", "5", "--lora-r", "16"])
     assert (given.local_steps, given.lora_r, given.rounds_stage2) == (5, 16, 3)
     # whole epochs when --local-steps is 0: ceil(ceil(n / batch) / grad_accum) per epoch
     assert run.steps_per_round(run.Config(local_steps=0, local_epochs=2, batch_size=8, grad_accum=2), 33) == 6
@@ -197,8 +198,8 @@ def test_data_seed_holds_the_data_while_the_seed_varies_the_training(tmp_path):
 
     held, own = drawn(seed=3, data_seed=0), drawn(seed=3)
     assert same(held, drawn(seed=0)) and not same(own, held)
-    assert run.parse_args(["--data-seed", "0", "--seeds", "0,1"])[0].data_seed == 0
+    assert cli.parse_args(["--data-seed", "0", "--seeds", "0,1"])[0].data_seed == 0
     manifest = tmp_path / "m.json"
     manifest.write_text('{"clients": []}')
     with pytest.raises(ValueError, match="--data-seed: draws the synthetic scenarios only"):
-        run.check_config(run.Config(data=str(manifest), data_seed=0))
+        cli.check_config(run.Config(data=str(manifest), data_seed=0))

@@ -14,7 +14,7 @@ until any method wins:
   the box) and, in Scenario B, text reading (a digit drawn with a hand-made 3x5 pixel font). Their
   formats and rendering are calibration knobs (FORMATS, run.py --formats), and so is the training
   data's skew (train_omit). The benchmark's values are those a tiny model learns (RESULTS.md, step
-  43): a grounding scene holds one large object, the digit is one, of 4-pixel dots, in the centre,
+  43, 45): a grounding scene holds one large object, the digit is one, of 6-pixel dots, in the centre,
   and each client's training scenes lack one colour or shape name that its test scenes draw and
   another client of its task holds. `constant_answer` gives each client's floor: what one fixed
   answer scores on its test set.
@@ -88,11 +88,11 @@ DIGIT_FONT = {  # 3x5 pixel font, rows top to bottom
 # - train_omit: groups of colour or shape names ("yellow+triangle"); client k's training scenes draw
 #   no object of a name in group k % len, its test scenes draw every one, so what it lacks another
 #   client holds (the label skew of the federated-learning literature); empty: no skew.
-# The benchmark: one large object to ground, its box named first; one digit of 4 px dots in the
-# centre; each client lacking one of the four names the backbone's alignment leaves out
+# The benchmark: one large object to ground, its box named first; one digit of 6 px dots in the
+# centre (18 x 30 of the image's 32 x 32 pixels); each client lacking one of the four names the backbone's alignment leaves out
 # (backbone.PRETRAIN), which the other client of its task holds.
 FORMATS = dict(box_grid=0, box_cell=0, box_say=1, box_objects=1, box_large=1, ocr_place="centre", ocr_digits=(1, 1),
-               ocr_dot_px=4.0, train_omit=(("yellow",), ("purple",), ("triangle",), ("cross",)))
+               ocr_dot_px=6.0, train_omit=(("yellow",), ("purple",), ("triangle",), ("cross",)))
 
 
 def parse_formats(text: str) -> dict:

@@ -26,10 +26,10 @@ def parse_args(argv=None):
                     help="A: caption/VQA/grounding, 6 clients; B: adds text reading, 8 unbalanced clients")
     ap.add_argument("--method", default=d.method, choices=list(METHODS), help="federated method or ablation")
     ap.add_argument("--methods", default=None, help="comparison: comma-separated methods, or 'all'")
-    ap.add_argument("--seed", type=int, default=d.seed, help="seeds the adapters' init and the batch order, and the data unless --data-seed")
-    ap.add_argument("--data-seed", type=int, default=d.data_seed,
-                    help="synthetic data: draw the data with this seed whatever --seed/--seeds are, so that the "
-                         "seeds vary the training only (default: each seed draws its own data)")
+    ap.add_argument("--seed", type=int, default=d.seed, help="seeds the training: the adapters' init and the batch order")
+    ap.add_argument("--data-seed", type=lambda v: None if v == "seed" else int(v), default=argparse.SUPPRESS,
+                    help=f"synthetic data: the seed that draws every client's domain and samples (default "
+                         f"{d.data_seed}, the benchmark's world); 'seed': each --seed draws its own data")
     ap.add_argument("--seeds", default=None, help="comparison: comma-separated seeds (default 0,1,2,3,4)")
     ap.add_argument("--mu", type=float, default=d.mu, help="FedProx's proximal weight μ")
     ap.add_argument("--eval-every-round", action="store_true", help="evaluate every client after every round")
@@ -89,6 +89,8 @@ def parse_args(argv=None):
         if m not in METHODS:
             ap.error(f"unknown method {m!r} in --methods; choose from {', '.join(METHODS)}")
     seeds = None if a.seeds is None else [int(x) for x in a.seeds.split(",")]
+    if "data_seed" in kw and a.data:
+        ap.error("--data-seed: draws the synthetic scenarios only, not --data")
     cfg = Config(**kw)
     try:
         check_config(cfg)
@@ -124,8 +126,6 @@ def check_config(cfg: Config):
         raise ValueError(str(e)) from None
     if cfg.formats and cfg.data:
         raise ValueError("--formats: shapes the synthetic scenarios only, not --data")
-    if cfg.data_seed is not None and cfg.data:
-        raise ValueError("--data-seed: draws the synthetic scenarios only, not --data")
 
 
 def main(argv=None):

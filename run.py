@@ -53,7 +53,9 @@ class Config:
     scenario: str = "A"
     method: str = "pilot"
     seed: int = 0
-    data_seed: int = None       # the synthetic data's draw; None: seed's (one seed draws the data and the training)
+    # the synthetic data's draw: 0, the benchmark's one world, whatever the seed, so that seeds vary the
+    # training (adapters' init, batch order) and nothing else; None: each seed draws its own data
+    data_seed: int = 0
     # None: the backbone's preset (PRESETS above: the embedded benchmark's schedule, or the paper's)
     rounds_stage1: int = None   # R1 [reading]: stage 1 for the first R1 rounds
     rounds_stage2: int = None   # R2: stage 2 (CT-MoA) for the next R2 rounds
@@ -489,8 +491,9 @@ def resume_from(out: Path, cfg: Config):
     """(meta, groups) of the run checkpointed in out, after checking that it was started with cfg's
     settings (RESUME_KEYS); CheckpointError naming each setting that differs."""
     meta = checkpoint.read_meta(out)
-    # a setting the checkpoint predates (absent from its config) had its default value then
-    default, now = asdict(Config(backbone=cfg.backbone)), asdict(cfg)
+    # a setting the checkpoint predates (absent from its config) had its default value then, except
+    # data_seed: before it, every seed drew its own data
+    default, now = asdict(Config(backbone=cfg.backbone)) | {"data_seed": None}, asdict(cfg)
     saved = {k: meta["config"].get(k, default.get(k)) for k in RESUME_KEYS}
     differ = [k for k in RESUME_KEYS if saved[k] != now.get(k)]
     if differ:

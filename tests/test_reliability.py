@@ -182,6 +182,13 @@ def test_resume_refuses_other_settings_and_corrupted_checkpoints(small_backbone_
     assert run.resume_from(out, cfg)[0]["config"] == meta["config"]
     with pytest.raises(checkpoint.CheckpointError, match=r"formats \(saved '', now 'box_grid=4'\)"):
         run.resume_from(out, run.Config(**{**cfg.__dict__, "formats": "box_grid=4"}))
+    # ... except data_seed: a checkpoint without it drew its data with the run's seed
+    del meta["config"]["data_seed"]
+    (out / "state.json").write_text(json.dumps(meta))
+    assert run.resume_from(out, run.Config(**{**cfg.__dict__, "data_seed": None}))
+    with pytest.raises(checkpoint.CheckpointError, match=r"data_seed \(saved None, now 0\)"):
+        run.resume_from(out, cfg)
+    (out / "state.json").write_text(json.dumps(dict(meta, config=dict(meta["config"], data_seed=0))))
     tensors = out / meta["tensors"]
     tensors.write_bytes(tensors.read_bytes()[:-10])                   # truncated
     with pytest.raises(checkpoint.CheckpointError, match="corrupted or truncated"):

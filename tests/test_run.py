@@ -188,7 +188,7 @@ def test_generation_limits_hold_the_tiny_backbones_longest_answers():
         assert len(tok(text, add_special_tokens=False)["input_ids"]) + 1 <= run.MAX_NEW_TOKENS[task], task
 
 
-def test_data_seed_holds_the_data_while_the_seed_varies_the_training(tmp_path):
+def test_data_seed_holds_the_data_while_the_seed_varies_the_training(tmp_path, capsys):
     def drawn(**kw):
         _, (c,) = run.load_clients(run.Config(clients=[2], n_train=3, n_test=2, **kw))
         return [(s.question, s.answer, s.image) for s in c.train + c.test]
@@ -196,10 +196,13 @@ def test_data_seed_holds_the_data_while_the_seed_varies_the_training(tmp_path):
     def same(a, b):
         return all(x[:2] == y[:2] and torch.equal(x[2], y[2]) for x, y in zip(a, b))
 
-    held, own = drawn(seed=3, data_seed=0), drawn(seed=3)
-    assert same(held, drawn(seed=0)) and not same(own, held)
-    assert cli.parse_args(["--data-seed", "0", "--seeds", "0,1"])[0].data_seed == 0
+    # the benchmark's world is data seed 0 whatever the seed; 'seed' (None) lets each seed draw its own
+    held, own = drawn(seed=3), drawn(seed=3, data_seed=None)
+    assert same(held, drawn(seed=0)) and not same(own, held) and same(own, drawn(seed=0, data_seed=3))
+    assert [cli.parse_args(a)[0].data_seed for a in ([], ["--data-seed", "seed"], ["--data-seed", "2"])] == [0, None, 2]
     manifest = tmp_path / "m.json"
     manifest.write_text('{"clients": []}')
-    with pytest.raises(ValueError, match="--data-seed: draws the synthetic scenarios only"):
-        cli.check_config(run.Config(data=str(manifest), data_seed=0))
+    assert cli.parse_args(["--data", str(manifest)])[0].data_seed == 0    # the default says nothing of --data
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--data", str(manifest), "--data-seed", "1"])
+    assert "--data-seed: draws the synthetic scenarios only, not --data" in capsys.readouterr().err

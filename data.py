@@ -39,7 +39,9 @@ The embedded benchmark is this world, these scenarios and run.py's "tiny" preset
 - Scores: per client on its own test set, then per task and averaged over tasks (metrics below),
   and beside them the mean answer-token cross-entropy on the same test set (teacher-forced).
 - Every table gives Local (lower bound of collaboration) and Centralized (what pooling the data
-  gives) beside the federated methods, as mean ± std over seeds 0-4.
+  gives) beside the federated methods, as mean ± std over seeds 0-4. The data are one draw of this
+  world, make_scenario(name, 0), for every seed (run.Config.data_seed): a seed varies the training
+  only, so the spread is the training's, not the draw's (RESULTS.md, step 46).
 
 The embedded backbone is pretrained on a separate "describe the objects" corpus from a neutral
 domain (plain grey backgrounds, no noise, unit scale; `pretraining_corpus`), disjoint from the

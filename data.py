@@ -91,8 +91,8 @@ DIGIT_FONT = {  # 3x5 pixel font, rows top to bottom
 #   no object of a name in group k % len, its test scenes draw every one, so what it lacks another
 #   client holds (the label skew of the federated-learning literature); empty: no skew.
 # The benchmark: one large object to ground, its box named first; one digit of 6 px dots in the
-# centre (18 x 30 of the image's 32 x 32 pixels); each client lacking one of the four names the backbone's alignment leaves out
-# (backbone.PRETRAIN), which the other client of its task holds.
+# centre (18 x 30 of the image's 32 x 32 pixels); each client lacking one of the four names the
+# backbone's alignment leaves out (backbone.PRETRAIN), which the other client of its task holds.
 FORMATS = dict(box_grid=0, box_cell=0, box_say=1, box_objects=1, box_large=1, ocr_place="centre", ocr_digits=(1, 1),
                ocr_dot_px=6.0, train_omit=(("yellow",), ("purple",), ("triangle",), ("cross",)))
 

@@ -92,7 +92,7 @@ class Config:
     # reliability
     resume: bool = False        # continue the run checkpointed in OUT
     # when the federation state is written: "client" after every client and every aggregation, "round" after
-    # every aggregation only (a tiny client round takes half a second, a checkpoint a tenth of one)
+    # every aggregation only (a tiny client round takes half a second, a checkpoint 70-90 ms)
     checkpoint: str = None
     faults: str = ""            # fault injection, e.g. "client=3:nan", "client=3:scale=100", "client=3:drop"
     norm_screen: float = 5.0    # [our addition beyond the paper] reject updates above this x the round's median norm; 0: off

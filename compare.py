@@ -3,11 +3,15 @@ Summaries of several runs: mean ± std over seeds per method, each method's pair
 Local (the per-seed difference, then its mean ± std), a paper-style markdown table, plots.
 
     python run.py --scenario A --methods all          # seeds 0-4 by default; runs everything, then calls these
+    python compare.py runs/compare-A                  # the summaries again, from the runs' results.json
 
 Pure functions of results.json contents; matplotlib is optional (plots are skipped, with one line
 saying so, when it is not installed).
 """
+import json
+import re
 import statistics
+import sys
 from pathlib import Path
 
 
@@ -20,6 +24,22 @@ def _mean_std(xs, digits=2):
 def _paired(runs, base, key, digits=2):
     """Mean ± std over seeds of the per-seed difference run[key] − base[key] (same seed, same data)."""
     return _mean_std([r[key] - b[key] for r, b in zip(runs, base)], digits)
+
+
+def ata_by_task(res):
+    """What ATA's neighbours were, by task, in one run: {task t: {task u: the share of t's clients'
+    Top-M neighbours, over every round with an ATA record, that hold task u}}; {} without ATA.
+    The same-task share says whether ATA finds a client's partner; this says who fills the rest."""
+    task = {str(c["id"]): c["task"] for c in res["clients"]}
+    counts = {}
+    for rec in res.get("ata", []):
+        for k, nb in rec["neighbours"].items():
+            row = counts.setdefault(task[k], {})
+            for j in nb:
+                row[task[str(j)]] = row.get(task[str(j)], 0) + 1
+    order = list(dict.fromkeys(c["task"] for c in res["clients"]))
+    return {t: {u: round(row.get(u, 0) / sum(row.values()), 3) for u in order} for t, row in
+            sorted(counts.items(), key=lambda kv: order.index(kv[0]))}
 
 
 def summarise(scenario, seeds, results):
@@ -40,6 +60,8 @@ def summarise(scenario, seeds, results):
             "ce_vs_local": _paired(runs, base, "average_ce", 4) if base else None,
             # what ATA did: the share of a client's neighbours that hold its own task, over rounds and seeds
             "ata_same_task": round(sum(ata) / len(ata), 3) if ata else None,
+            # and, per seed, which tasks a task's clients took as neighbours (ata_by_task)
+            "ata_by_task": [ata_by_task(r) for r in runs] if ata else None,
             "rounds": [_mean_std([r["rounds"][i]["average"] for r in runs]) | {"round": runs[0]["rounds"][i]["round"]}
                        for i in range(n_rounds)],
             "bytes_up_per_round": runs[0]["bytes_up"] // max(1, len_rounds(runs[0])),
@@ -87,7 +109,43 @@ def markdown(summary):
                      f"{'–' if ata is None else f'{ata:.2f}'} | "
                      f"{k['bytes_up_per_round'] / 1e3:,.0f} | {k['bytes_down_per_round'] / 1e3:,.0f}"
                      f" | {k['trainable_params']:,} | {k['communicated_params']:,} |")
+    with_ata = {m: k["ata_by_task"] for m, k in methods.items() if any(k.get("ata_by_task") or [])}
+    if with_ata:
+        lines += ["", "ATA's neighbours by task: the share of a task's clients' Top-M neighbours, over all rounds, "
+                  "that hold each task (one figure per seed)", "", "| method | clients of | neighbours holding |",
+                  "|---|---|---|"]
+        for m, per_seed in with_ata.items():
+            for t in per_seed[0]:
+                shares = "; ".join(f"{u} " + " / ".join(f"{s[t][u]:.2f}" for s in per_seed) for u in per_seed[0][t])
+                lines.append(f"| {m} | {t} | {shares} |")
     return "\n".join(lines)
+
+
+def write(summary, out: Path, log=print):
+    """compare.json, compare.md and the plots in out."""
+    (out / "compare.json").write_text(json.dumps(summary, indent=1))
+    table = markdown(summary)
+    (out / "compare.md").write_text(table + "\n")
+    log("\n" + table)
+    log(plots(summary, out))
+
+
+def load(out: Path, order=()):
+    """The runs of a comparison directory: (seeds, {method: [results.json per seed]}) from its
+    <method>-seed<s>/results.json, methods in `order` first; every method must have every seed."""
+    found = {}
+    for f in sorted(Path(out).glob("*-seed*/results.json")):
+        m = re.fullmatch(r"(.+)-seed(\d+)", f.parent.name)
+        if m:
+            found.setdefault(m[1], {})[int(m[2])] = json.loads(f.read_text())
+    if not found:
+        raise FileNotFoundError(f"{out}: no <method>-seed<s>/results.json")
+    seeds = sorted({s for runs in found.values() for s in runs})
+    for m, runs in found.items():
+        if sorted(runs) != seeds:
+            raise ValueError(f"{out}: {m} lacks seeds {sorted(set(seeds) - set(runs))} that another method has")
+    methods = sorted(found, key=lambda m: (list(order).index(m) if m in order else len(order), m))
+    return seeds, {m: [found[m][s] for s in seeds] for m in methods}
 
 
 def plots(summary, out: Path) -> str:
@@ -129,3 +187,11 @@ def plots(summary, out: Path) -> str:
     fig.savefig(out / "rounds.png", dpi=120)
     plt.close(fig)
     return f"wrote {out}/compare.png, {out}/rounds.png"
+
+
+if __name__ == "__main__":
+    from run import METHODS    # their order in the tables
+    for d in sys.argv[1:] or ["runs/compare-A"]:
+        seeds, results = load(Path(d), list(METHODS))
+        write(summarise(next(iter(results.values()))[0]["scenario"], seeds, results), Path(d))
+        print(f"wrote {d}/compare.json, compare.md")

@@ -17,7 +17,6 @@ Writes OUT/results.json, OUT/results.md and OUT/client_<k>.safetensors (each cli
 what it downloaded last plus its private tensors).
 """
 import fcntl
-import json
 import math
 import sys
 import time
@@ -655,11 +654,7 @@ def run_comparison(cfg: Config, methods, seeds, log=print):
             results[m].append(run(replace(cfg, method=m, seed=s, out=str(out / f"{m}-seed{s}")), log=log))
     summary = compare.summarise(cfg.scenario, seeds, results)
     summary["wall_s"] = round(time.time() - t0, 1)
-    (out / "compare.json").write_text(json.dumps(summary, indent=1))
-    table = compare.markdown(summary)
-    (out / "compare.md").write_text(table + "\n")
-    log("\n" + table)
-    log(compare.plots(summary, out))
+    compare.write(summary, out, log)
     log(f"wrote {out}/compare.json, compare.md; wall time {summary['wall_s']:.0f} s")
     return summary
 

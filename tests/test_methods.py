@@ -203,7 +203,7 @@ def test_comparison_gives_mean_std_and_the_paired_difference_to_local():
         return {"per_task": {"vqa": avg}, "average": avg, "per_task_ce": {"vqa": ce}, "average_ce": ce,
                 "rounds": [{"round": 1, "average": avg}], "bytes_up": 0, "bytes_down": 0, "trainable_params": 1,
                 "communicated_params": 0, "wall_s": 1.0, "config": {"rounds_stage1": 1, "rounds_stage2": 0},
-                "ata": [{"same_task_mean": a} for a in ata or []]}
+                "clients": [{"id": 0, "task": "vqa"}], "ata": [{"same_task_mean": a, "neighbours": {}} for a in ata or []]}
     # local 10, 20, 30; pilot 12, 21, 36: differences 2, 1, 6 -> mean 3, std sqrt(7) = 2.65
     s = compare.summarise("A", [0, 1, 2], {"local": [res(10, 1.0), res(20, 0.9), res(30, 0.8)],
                                            "pilot": [res(12, 0.9, [0.5, 1.0]), res(21, 0.9, [0.5]), res(36, 0.7, [0.0])]})
@@ -219,6 +219,46 @@ def test_comparison_gives_mean_std_and_the_paired_difference_to_local():
             {"local": [res(10, 1.0), res(20, 0.9)]}.items()}
     assert compare.markdown(compare.summarise("A", [0, 1], held)).startswith(
         "Scenario A, seeds 0, 1, the data drawn once with seed 0 (mean")
+
+
+def test_ata_by_task_says_which_tasks_fill_a_clients_neighbours():
+    import compare
+    clients = [{"id": 0, "task": "caption"}, {"id": 1, "task": "caption"}, {"id": 2, "task": "vqa"},
+               {"id": 3, "task": "grounding"}]
+    rounds = [{"same_task_mean": 0.25, "neighbours": {"0": [1, 2], "1": [0, 3], "2": [0, 3], "3": [2, 1]}},
+              {"same_task_mean": 0.25, "neighbours": {"0": [1, 3], "1": [0, 3], "2": [3, 1], "3": [2, 0]}}]
+    res = {"clients": clients, "ata": rounds}
+    # the caption clients' 8 neighbours: 4 caption, 1 vqa, 3 grounding
+    assert compare.ata_by_task(res) == {"caption": {"caption": 0.5, "vqa": 0.125, "grounding": 0.375},
+                                        "vqa": {"caption": 0.5, "vqa": 0.0, "grounding": 0.5},
+                                        "grounding": {"caption": 0.5, "vqa": 0.5, "grounding": 0.0}}
+    assert compare.ata_by_task({"clients": clients, "ata": []}) == {}
+    base = {"per_task": {"vqa": 1.0}, "average": 1.0, "per_task_ce": {"vqa": 1.0}, "average_ce": 1.0,
+            "rounds": [{"round": 2, "average": 1.0}], "bytes_up": 0, "bytes_down": 0, "trainable_params": 1,
+            "communicated_params": 0, "wall_s": 1.0, "config": {"rounds_stage1": 1, "rounds_stage2": 1}}
+    other = {"clients": clients, "ata": [rounds[0], rounds[0]]}   # round 1 twice: caption -> vqa 0.25
+    s = compare.summarise("A", [0, 1], {"pilot": [base | res, base | other], "local": [base | {"clients": clients}] * 2})
+    assert s["methods"]["local"]["ata_by_task"] is None
+    table = compare.markdown(s)
+    assert "| pilot | caption | caption 0.50 / 0.50; vqa 0.12 / 0.25; grounding 0.38 / 0.25 |" in table
+    assert "| local |" not in table.split("ATA's neighbours by task")[1]
+
+
+def test_a_comparison_is_summarised_again_from_its_runs(tmp_path):
+    import json
+    import compare
+    for m, s in [("pilot", 1), ("pilot", 0), ("local", 0), ("local", 1)]:
+        (tmp_path / f"{m}-seed{s}").mkdir()
+        (tmp_path / f"{m}-seed{s}" / "results.json").write_text(json.dumps({"method": m, "seed": s}))
+    seeds, results = compare.load(tmp_path, ["local", "fedavg", "pilot"])
+    assert seeds == [0, 1] and list(results) == ["local", "pilot"]
+    assert [r["seed"] for r in results["pilot"]] == [0, 1]
+    (tmp_path / "fedavg-seed0").mkdir()
+    (tmp_path / "fedavg-seed0" / "results.json").write_text("{}")
+    with pytest.raises(ValueError, match="fedavg lacks seeds \\[1\\] that another method has"):
+        compare.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no <method>-seed<s>/results.json"):
+        compare.load(tmp_path / "fedavg-seed0")
 
 
 def test_a_change_of_rounding_moves_results_less_than_a_change_of_seed(small_backbone_dir, tmp_path):

@@ -50,6 +50,7 @@ def summarise(scenario, seeds, results):
         tasks = list(runs[0]["per_task"])
         n_rounds = len(runs[0]["rounds"])
         ata = [rd["same_task_mean"] for r in runs for rd in r.get("ata", [])]
+        other = [rd["other_task_weight_mean"] for r in runs for rd in r.get("ata", []) if "other_task_weight_mean" in rd]
         methods[m] = {
             "per_task": {t: _mean_std([r["per_task"][t] for r in runs]) for t in tasks},
             "average": _mean_std([r["average"] for r in runs]),
@@ -62,6 +63,8 @@ def summarise(scenario, seeds, results):
             "ata_same_task": round(sum(ata) / len(ata), 3) if ata else None,
             # and, per seed, which tasks a task's clients took as neighbours (ata_by_task)
             "ata_by_task": [ata_by_task(r) for r in runs] if ata else None,
+            # how much of a client's personalised Θ̄^l came from clients of other tasks (ATA's weights)
+            "ata_other_task_weight": round(sum(other) / len(other), 3) if other else None,
             "rounds": [_mean_std([r["rounds"][i]["average"] for r in runs]) | {"round": runs[0]["rounds"][i]["round"]}
                        for i in range(n_rounds)],
             "bytes_up_per_round": runs[0]["bytes_up"] // max(1, len_rounds(runs[0])),
@@ -118,6 +121,11 @@ def markdown(summary):
             for t in per_seed[0]:
                 shares = "; ".join(f"{u} " + " / ".join(f"{s[t][u]:.2f}" for s in per_seed) for u in per_seed[0][t])
                 lines.append(f"| {m} | {t} | {shares} |")
+        weights = {m: k["ata_other_task_weight"] for m, k in methods.items() if k.get("ata_other_task_weight") is not None}
+        if weights:
+            lines += ["", "Of a client's personalised text adapter Θ̄^l, the share that came from clients of other tasks "
+                      "(ATA's weights, mean over clients, rounds and seeds): "
+                      + ", ".join(f"{m} {w:.2f}" for m, w in weights.items())]
     return "\n".join(lines)
 
 

@@ -308,7 +308,8 @@ def server_round(uploads, tasks, n, top_m, method=METHODS["pilot"], previous=Non
     previous Θ^l (and receives the new global adapters), a task with no upload keeps its previous
     global task adapter, and a round with no usable upload changes nothing. consume=True lets ATA
     write the downloads into the uploads' own Θ^l tensors (each upload must have its own).
-    record: a dict that receives ATA's neighbours N_M(k) by client index (what ATA did)."""
+    record: a dict that receives ATA's neighbours N_M(k) and the weights of client k's Θ̄^l_k (its
+    own λ_k and each neighbour's (1 − λ_k) w_kj), by client index (what ATA did)."""
     ok = [k for k, u in enumerate(uploads) if u is not None]
     if not ok:                                   # nothing usable: the server state stays as it was
         return list(previous)
@@ -317,9 +318,10 @@ def server_round(uploads, tasks, n, top_m, method=METHODS["pilot"], previous=Non
     adapters = [pilot.sub_state(u, "task_adapter.") for u in ups]
     text = [{k: v for k, v in u.items() if k.startswith("lora.")} for u in ups]
     if method.text_agg == "ata":
-        text, _, nb = aggregate.adaptive_text(text, nk, top_m, inplace=consume)
+        text, A, nb = aggregate.adaptive_text(text, nk, top_m, inplace=consume)
         if record is not None:
             record["neighbours"] = {ok[i]: [ok[j] for j in row] for i, row in enumerate(nb)}
+            record["weights"] = {ok[i]: {ok[j]: float(A[i, j]) for j in [i, *row]} for i, row in enumerate(nb)}
     elif method.text_agg == "fedavg":
         text = [aggregate.fedavg(text, nk)] * K
     prefixed = lambda task, sd: {f"global_task_adapter.{task}.{k}": v for k, v in sd.items()}
@@ -453,13 +455,20 @@ def server_step(uploads, downloads, tasks_of, n, expected, cfg: Config, log=prin
                         record=record), accepted
 
 
-def ata_record(neighbours, tasks_of):
-    """What ATA did in a round, for results.json: each client's N_M(k) and the fraction of it that
-    holds the client's own task."""
+def ata_record(neighbours, tasks_of, weights=None):
+    """What ATA did in a round, for results.json: each client's N_M(k), the fraction of it that
+    holds the client's own task, and (weights given) how much of the client's Θ̄^l_k comes from
+    clients of other tasks: Σ A_kj over neighbours j of another task."""
     share = {k: sum(tasks_of[j] == tasks_of[k] for j in nb) / max(1, len(nb)) for k, nb in neighbours.items()}
-    return {"neighbours": {str(k): nb for k, nb in neighbours.items()},
-            "same_task": {str(k): round(v, 4) for k, v in share.items()},
-            "same_task_mean": round(sum(share.values()) / max(1, len(share)), 4)}
+    rec = {"neighbours": {str(k): nb for k, nb in neighbours.items()},
+           "same_task": {str(k): round(v, 4) for k, v in share.items()},
+           "same_task_mean": round(sum(share.values()) / max(1, len(share)), 4)}
+    if weights is not None:
+        other = {k: sum(a for j, a in w.items() if tasks_of[j] != tasks_of[k]) for k, w in weights.items()}
+        rec["weights"] = {str(k): {str(j): round(a, 4) for j, a in w.items()} for k, w in weights.items()}
+        rec["other_task_weight"] = {str(k): round(v, 4) for k, v in other.items()}
+        rec["other_task_weight_mean"] = round(sum(other.values()) / max(1, len(other)), 4)
+    return rec
 
 
 def pooled_client(cts, cfg: Config):
@@ -616,7 +625,7 @@ def run(cfg: Config, log=print):
         line = (f"round {r + 1}/{rounds} (stage {stage}): mean last loss {sum(losses) / max(1, len(losses)):.3f}, "
                 f"up {ru / 1e6:.2f} MB, down {rd / 1e6:.2f} MB, {time.time() - tr:.1f} s")
         if "neighbours" in ata_did:
-            ata_log.append({"round": r + 1, **ata_record(ata_did["neighbours"], train_tasks_of)})
+            ata_log.append({"round": r + 1, **ata_record(ata_did["neighbours"], train_tasks_of, ata_did["weights"])})
             line += f", ATA neighbours of the client's own task {ata_log[-1]['same_task_mean']:.2f}"
         if cfg.eval_every_round and r < rounds - 1:
             _, pt, avg = evaluate_all(bb, cts, *for_eval(downloads, private), stage, tasks, cfg)

@@ -225,8 +225,10 @@ def test_ata_by_task_says_which_tasks_fill_a_clients_neighbours():
     import compare
     clients = [{"id": 0, "task": "caption"}, {"id": 1, "task": "caption"}, {"id": 2, "task": "vqa"},
                {"id": 3, "task": "grounding"}]
-    rounds = [{"same_task_mean": 0.25, "neighbours": {"0": [1, 2], "1": [0, 3], "2": [0, 3], "3": [2, 1]}},
-              {"same_task_mean": 0.25, "neighbours": {"0": [1, 3], "1": [0, 3], "2": [3, 1], "3": [2, 0]}}]
+    rounds = [{"same_task_mean": 0.25, "neighbours": {"0": [1, 2], "1": [0, 3], "2": [0, 3], "3": [2, 1]},
+               "other_task_weight_mean": 0.5},
+              {"same_task_mean": 0.25, "neighbours": {"0": [1, 3], "1": [0, 3], "2": [3, 1], "3": [2, 0]},
+               "other_task_weight_mean": 0.3}]
     res = {"clients": clients, "ata": rounds}
     # the caption clients' 8 neighbours: 4 caption, 1 vqa, 3 grounding
     assert compare.ata_by_task(res) == {"caption": {"caption": 0.5, "vqa": 0.125, "grounding": 0.375},
@@ -242,6 +244,8 @@ def test_ata_by_task_says_which_tasks_fill_a_clients_neighbours():
     table = compare.markdown(s)
     assert "| pilot | caption | caption 0.50 / 0.50; vqa 0.12 / 0.25; grounding 0.38 / 0.25 |" in table
     assert "| local |" not in table.split("ATA's neighbours by task")[1]
+    # the weight from other tasks: 0.5, 0.3 at seed 0, 0.5, 0.5 at seed 1
+    assert s["methods"]["pilot"]["ata_other_task_weight"] == 0.45 and table.endswith("seeds): pilot 0.45")
 
 
 def test_a_comparison_is_summarised_again_from_its_runs(tmp_path):

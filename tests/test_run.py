@@ -80,10 +80,23 @@ def test_end_to_end_two_clients_writes_results(small_backbone_dir, tmp_path):
     # what ATA did each round: two clients of different tasks are each other's only neighbour
     assert [a["round"] for a in saved["ata"]] == [1, 2]
     assert saved["ata"][0]["neighbours"] == {"0": [1], "1": [0]} and saved["ata"][0]["same_task_mean"] == 0.0
+    # with equal sizes λ_k = 1/2: half of each client's Θ̄^l is the other task's client's
+    assert saved["ata"][0]["weights"] == {"0": {"0": 0.5, "1": 0.5}, "1": {"1": 0.5, "0": 0.5}}
+    assert saved["ata"][0]["other_task_weight_mean"] == 0.5
     # the smooth metric beside the score, and every prediction in a file of its own
     assert all(c["test_ce"] > 0 for c in saved["clients"]) and set(saved["per_task_ce"]) == {"caption", "grounding"}
     lines = (tmp_path / "out" / "predictions_client_4.jsonl").read_text().splitlines()
     assert len(lines) == 3 and {"id", "question", "answer", "prediction"} == set(json.loads(lines[0]))
+
+
+def test_ata_record_counts_the_weight_from_other_tasks():
+    tasks_of = ["caption", "caption", "vqa"]
+    weights = {0: {0: 0.25, 1: 0.5, 2: 0.25}, 1: {1: 0.5, 0: 0.5}, 2: {2: 0.4, 0: 0.35, 1: 0.25}}
+    rec = run.ata_record({0: [1, 2], 1: [0], 2: [0, 1]}, tasks_of, weights)
+    assert rec["same_task"] == {"0": 0.5, "1": 1.0, "2": 0.0}
+    assert rec["other_task_weight"] == {"0": 0.25, "1": 0.0, "2": 0.6}
+    assert rec["other_task_weight_mean"] == round(0.85 / 3, 4)
+    assert "weights" not in run.ata_record({0: [1]}, tasks_of)
 
 
 def test_presets_the_benchmark_schedule_for_tiny_and_the_papers_for_checkpoints():

@@ -38,7 +38,7 @@ def ata_by_task(res):
             for j in nb:
                 row[task[str(j)]] = row.get(task[str(j)], 0) + 1
     order = list(dict.fromkeys(c["task"] for c in res["clients"]))
-    return {t: {u: round(row.get(u, 0) / sum(row.values()), 3) for u in order} for t, row in
+    return {t: {u: round(row.get(u, 0) / max(1, sum(row.values())), 3) for u in order} for t, row in
             sorted(counts.items(), key=lambda kv: order.index(kv[0]))}
 
 

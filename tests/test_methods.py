@@ -235,6 +235,8 @@ def test_ata_by_task_says_which_tasks_fill_a_clients_neighbours():
                                         "vqa": {"caption": 0.5, "vqa": 0.0, "grounding": 0.5},
                                         "grounding": {"caption": 0.5, "vqa": 0.5, "grounding": 0.0}}
     assert compare.ata_by_task({"clients": clients, "ata": []}) == {}
+    alone = {"clients": clients[:1], "ata": [{"neighbours": {"0": []}}]}     # one client: no neighbour
+    assert compare.ata_by_task(alone) == {"caption": {"caption": 0.0}}
     base = {"per_task": {"vqa": 1.0}, "average": 1.0, "per_task_ce": {"vqa": 1.0}, "average_ce": 1.0,
             "rounds": [{"round": 2, "average": 1.0}], "bytes_up": 0, "bytes_down": 0, "trainable_params": 1,
             "communicated_params": 0, "wall_s": 1.0, "config": {"rounds_stage1": 1, "rounds_stage2": 1}}

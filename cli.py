@@ -79,7 +79,8 @@ def parse_args(argv=None):
     ap.add_argument("--norm-screen", type=float, default=d.norm_screen,
                     help="reject updates whose norm exceeds this multiple of the round's median (our addition; 0 = off)")
     ap.add_argument("--clients", default=None, help="comma-separated client indices to keep (quick runs)")
-    ap.add_argument("--n-train", type=int, default=None, help="train samples per client (default: scenario's)")
+    ap.add_argument("--n-train", type=int, default=None, help="train samples per client (default: scenario's; "
+                    "the test samples, drawn after them, change with it)")
     ap.add_argument("--n-test", type=int, default=None, help="test samples per client (default: scenario's)")
     a = ap.parse_args(argv)
     kw = {k: v for k, v in vars(a).items() if k not in ("methods", "seeds")}

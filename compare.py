@@ -4,9 +4,10 @@ Local (the per-seed difference, then its mean ± std), a paper-style markdown ta
 
     python run.py --scenario A --methods all          # seeds 0-4 by default; runs everything, then calls these
     python compare.py runs/compare-A                  # the summaries again, from the runs' results.json
+                                                      # and predictions files (where the spread comes from)
 
-Pure functions of results.json contents; matplotlib is optional (plots are skipped, with one line
-saying so, when it is not installed).
+Pure functions of results.json contents (spread_sources reads the predictions files too);
+matplotlib is optional (plots are skipped, with one line saying so, when it is not installed).
 """
 import json
 import re
@@ -78,6 +79,52 @@ def summarise(scenario, seeds, results):
     return {"scenario": scenario, "seeds": list(seeds), "data_seed": data_seed, "methods": methods}
 
 
+def spread_sources(out: Path, seeds, methods):
+    """How much of each score's spread over seeds the test set's size accounts for, from the runs'
+    predictions files (each prediction's score): {method: {task or "average": {"std", "test_set_std",
+    "test_set_share"}}}.
+
+    A task's score at seed s is the mean over its clients of their mean item score. Its variance
+    over seeds splits into the items' own variances, sum_c sum_i var_s(x_ci) / (C n_c)^2, which
+    falls as 1/n with more test samples, and the covariance between items (a seed's model better
+    or worse on many items at once), which more test samples do not reduce. test_set_std is the
+    first part's square root and test_set_share its fraction of the variance: an estimate from few
+    seeds, so it can exceed 1. The average over tasks adds up its tasks' parts over T^2."""
+    found = {}
+    for m in methods:
+        per_seed = []
+        for s in seeds:
+            run = Path(out) / f"{m}-seed{s}"
+            res = json.loads((run / "results.json").read_text())
+            by_task = {}
+            for c in res["clients"]:
+                f = run / f"predictions_client_{c['id']}.jsonl"
+                rows = [json.loads(x) for x in f.read_text().splitlines()]
+                if any("score" not in r for r in rows):
+                    raise ValueError(f"{f}: a prediction without its score (written before scores were recorded)")
+                by_task.setdefault(c["task"], []).append([r["score"] for r in rows])
+            per_seed.append(by_task)
+        parts, avg_seed, avg_items = {}, [0.0] * len(seeds), 0.0
+        tasks = list(per_seed[0])
+        for t in tasks:
+            clients = per_seed[0][t]
+            score = [statistics.fmean(statistics.fmean(x) for x in run[t]) for run in per_seed]
+            items = sum(statistics.variance([run[t][c][i] for run in per_seed]) / (len(clients) * len(x)) ** 2
+                        for c, x in enumerate(clients) for i in range(len(x)))
+            parts[t] = _split(score, items)
+            avg_seed = [a + v / len(tasks) for a, v in zip(avg_seed, score)]
+            avg_items += items / len(tasks) ** 2
+        parts["average"] = _split(avg_seed, avg_items)
+        found[m] = parts
+    return found
+
+
+def _split(per_seed, items):
+    var = statistics.variance(per_seed)
+    return {"std": round(var ** 0.5, 2), "test_set_std": round(items ** 0.5, 2),
+            "test_set_share": round(items / var, 2) if var > 0 else None}
+
+
 def len_rounds(res):
     c = res["config"]
     return c["rounds_stage1"] + c["rounds_stage2"]
@@ -126,6 +173,15 @@ def markdown(summary):
             lines += ["", "Of a client's personalised text adapter Θ̄^l, the share that came from clients of other tasks "
                       "(ATA's weights, mean over clients, rounds and seeds): "
                       + ", ".join(f"{m} {w:.2f}" for m, w in weights.items())]
+    sources = summary.get("spread_sources")
+    if sources:
+        lines += ["", "Where the spread over seeds comes from: each score's std over seeds, and in brackets the part "
+                  "that the test set's size accounts for (its items' own variance, which falls as 1/n with more test "
+                  "samples; the rest is the training's: compare.spread_sources)", "",
+                  "| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for m, parts in sources.items():
+            lines.append(f"| {m} | " + " | ".join(f"{parts[c]['std']:.1f} ({parts[c]['test_set_std']:.1f})"
+                                                  for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -201,5 +257,7 @@ if __name__ == "__main__":
     from run import METHODS    # their order in the tables
     for d in sys.argv[1:] or ["runs/compare-A"]:
         seeds, results = load(Path(d), list(METHODS))
-        write(summarise(next(iter(results.values()))[0]["scenario"], seeds, results), Path(d))
+        summary = summarise(next(iter(results.values()))[0]["scenario"], seeds, results)
+        summary["spread_sources"] = spread_sources(Path(d), seeds, results) if len(seeds) > 1 else None
+        write(summary, Path(d))
         print(f"wrote {d}/compare.json, compare.md")

@@ -425,7 +425,8 @@ def make_scenario(name, seed, limit_clients=None, n_train=None, n_test=None, for
     """Every client's train and test samples, deterministic in (name, seed, formats).
 
     limit_clients / n_train / n_test shrink the scenario (tests, quick runs); a client's samples do
-    not depend on how many other clients are kept."""
+    not depend on how many other clients are kept. A client's test samples are drawn after its
+    training samples, so another n_train draws other test samples too (n_test keeps the first ones)."""
     if name not in SCENARIOS:
         raise ValueError(f"unknown scenario {name!r}; expected one of {sorted(SCENARIOS)}")
     specs = SCENARIOS[name]
@@ -504,6 +505,13 @@ def cider_d(candidates, references, n_max=4, sigma=6.0):
     Gaussian length penalty, x10. Returns the mean over images (raw scale; x100 for percent units).
 
     candidates: list of strings; references: list of lists of strings, one list per candidate."""
+    scores = cider_d_items(candidates, references, n_max, sigma)
+    return sum(scores) / len(scores)
+
+
+def cider_d_items(candidates, references, n_max=4, sigma=6.0):
+    """cider_d's score of each image (raw scale). An image's score depends on the others only
+    through the document frequencies, which come from the references alone."""
     assert len(candidates) == len(references) and candidates
     tok = lambda s: s.lower().replace(".", " ").replace(",", " ").split()
     refs = [[tok(r) for r in rs] for rs in references]
@@ -535,19 +543,25 @@ def cider_d(candidates, references, n_max=4, sigma=6.0):
                 sim += val * math.exp(-((lc - lr) ** 2) / (2 * sigma ** 2))
             total += sim / n_max
         scores.append(10.0 * total / len(rs))
-    return sum(scores) / len(scores)
+    return scores
+
+
+def item_scores(task, predictions, samples) -> list:
+    """Each test sample's score, in percent units; a client's score (`score`) is their mean. They
+    show how much of a score's spread over seeds the test set's size accounts for (compare.py)."""
+    answers = [s.extra.get("answers", [s.answer]) for s in samples]
+    if METRICS[task] == "cider":
+        return [100.0 * x for x in cider_d_items(predictions, answers)]
+    if METRICS[task] == "vqa_acc":
+        return [100.0 * vqa_accuracy(p, a) for p, a in zip(predictions, answers)]
+    if METRICS[task] == "acc_iou50":
+        return [100.0 * grounding_accuracy(p, s.answer) for p, s in zip(predictions, samples)]
+    raise ValueError(task)
 
 
 def score(task, predictions, samples) -> float:
     """A client's score on its test samples, in percent units (CIDEr-D x 100)."""
-    answers = [s.extra.get("answers", [s.answer]) for s in samples]
-    if METRICS[task] == "cider":
-        return 100.0 * cider_d(predictions, answers)
-    if METRICS[task] == "vqa_acc":
-        return 100.0 * sum(vqa_accuracy(p, a) for p, a in zip(predictions, answers)) / len(samples)
-    if METRICS[task] == "acc_iou50":
-        return 100.0 * sum(grounding_accuracy(p, s.answer) for p, s in zip(predictions, samples)) / len(samples)
-    raise ValueError(task)
+    return sum(item_scores(task, predictions, samples)) / len(samples)
 
 
 def constant_answer(task, samples, grid=0, top=20):

@@ -291,12 +291,13 @@ def test_loss(bb, conn, h_v, items, cfg: Config):
 
 def evaluate_client(bb, ct: features.ClientTensors, download, private, stage, tasks, cfg: Config):
     """Greedy answers on the client's held-out test set with what it downloaded plus its private
-    tensors; returns (score in percent units, predictions, test loss). The test loss is the mean
-    answer-token cross-entropy, teacher-forced: a smooth measure beside the generated answers'
-    score, which moves only when a whole answer changes."""
+    tensors; returns (score in percent units, predictions, each prediction's score, test loss). The
+    test loss is the mean answer-token cross-entropy, teacher-forced: a smooth measure beside the
+    generated answers' score, which moves only when a whole answer changes."""
     conn = client_model(bb, ct.task, download, private, stage, tasks, cfg)
     preds = answer(bb, conn, ct.task, ct.h_test, [p for p, _ in ct.items_test], cfg)
-    return data.score(ct.task, preds, ct.test), preds, test_loss(bb, conn, ct.h_test, ct.items_test, cfg)
+    items = data.item_scores(ct.task, preds, ct.test)
+    return sum(items) / len(items), preds, items, test_loss(bb, conn, ct.h_test, ct.items_test, cfg)
 
 
 # ----------------------------------------------------------------------------- server side
@@ -513,9 +514,11 @@ def resume_from(out: Path, cfg: Config):
 
 def evaluate_row(bb, ct, download, private, stage, tasks, cfg):
     """One client's line of the results: its score and test loss on its own test set, three examples,
-    and every prediction (written to OUT/predictions_client_<id>.jsonl, not to results.json)."""
-    s, preds, ce = evaluate_client(bb, ct, download, private, stage, tasks, cfg)
-    every = [{"id": t.id, "question": t.question, "answer": t.answer, "prediction": p} for t, p in zip(ct.test, preds)]
+    and every prediction with its score (written to OUT/predictions_client_<id>.jsonl, not to
+    results.json)."""
+    s, preds, items, ce = evaluate_client(bb, ct, download, private, stage, tasks, cfg)
+    every = [{"id": t.id, "question": t.question, "answer": t.answer, "prediction": p, "score": round(x, 4)}
+             for t, p, x in zip(ct.test, preds, items)]
     return {"id": ct.id, "task": ct.task, "n_train": len(ct.items_train), "n_test": len(ct.test),
             "metric": data.METRICS[ct.task], "score": round(s, 2), "test_ce": round(ce, 5), "examples": every[:3],
             "predictions": every}
@@ -662,6 +665,7 @@ def run_comparison(cfg: Config, methods, seeds, log=print):
         for s in seeds:
             results[m].append(run(replace(cfg, method=m, seed=s, out=str(out / f"{m}-seed{s}")), log=log))
     summary = compare.summarise(cfg.scenario, seeds, results)
+    summary["spread_sources"] = compare.spread_sources(out, seeds, methods) if len(seeds) > 1 else None
     summary["wall_s"] = round(time.time() - t0, 1)
     compare.write(summary, out, log)
     log(f"wrote {out}/compare.json, compare.md; wall time {summary['wall_s']:.0f} s")

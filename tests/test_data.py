@@ -13,6 +13,7 @@ def test_cider_d_hand_computed():
     # Image 1, candidate = its reference: n = 1 and n = 2 have cosine 1, n = 3, 4 have no n-grams:
     # (1 + 1 + 0 + 0) / 4 * 10 = 5. Image 2, no shared n-gram: 0. Corpus mean 2.5.
     assert data.cider_d(["a b", "x y"], [["a b"], ["c d"]]) == pytest.approx(2.5)
+    assert data.cider_d_items(["a b", "x y"], [["a b"], ["c d"]]) == pytest.approx([5.0, 0.0])
     # "a b b" against "a b": n = 1: vc = (1, 2) idf, vr = (1, 1) idf, clipped dot 2, norms √5 √2;
     # n = 2: "a b" shared, norms √2 and 1; Gaussian length penalty exp(-1 / 72).
     expected = 10 * (2 / math.sqrt(10) + 1 / math.sqrt(2)) / 4 * math.exp(-1 / 72)
@@ -136,6 +137,9 @@ def test_train_omit_takes_its_names_from_each_clients_training_scenes_only():
 def test_scores_in_percent_units():
     samples = [data.Sample(torch.zeros(3, 2, 2), "q", a, "vqa") for a in ("red", "two")]
     assert data.score("vqa", ["red", "3"], samples) == 50.0
+    assert data.item_scores("vqa", ["red", "3"], samples) == [100.0, 0.0]
+    captions = [data.Sample(None, "q", a, "caption") for a in ("a b", "c d")]
+    assert data.item_scores("caption", ["a b", "x y"], captions) == pytest.approx([500.0, 0.0])
 
 
 def test_constant_answer_is_the_best_single_answer():

@@ -267,6 +267,37 @@ def test_a_comparison_is_summarised_again_from_its_runs(tmp_path):
         compare.load(tmp_path / "fedavg-seed0")
 
 
+def test_spread_sources_splits_a_spread_into_the_test_sets_part_and_the_trainings(tmp_path):
+    import json
+    import compare
+    # one vqa client of two test samples and one caption client of one, two seeds; item scores:
+    items = {0: {0: [100.0, 0.0], 1: [300.0]}, 1: {0: [100.0, 100.0], 1: [100.0]}}
+    for s, clients in items.items():
+        run_dir = tmp_path / f"local-seed{s}"
+        run_dir.mkdir()
+        (run_dir / "results.json").write_text(json.dumps({"clients": [{"id": 0, "task": "vqa"}, {"id": 1, "task": "caption"}]}))
+        for k, xs in clients.items():
+            (run_dir / f"predictions_client_{k}.jsonl").write_text("".join(json.dumps({"score": x}) + "\n" for x in xs))
+    parts = compare.spread_sources(tmp_path, [0, 1], ["local"])["local"]
+    # vqa 50 then 100: variance 1250, all of it the second item's own (var 5000 / 2^2)
+    assert parts["vqa"] == {"std": round(1250 ** 0.5, 2), "test_set_std": round(1250 ** 0.5, 2), "test_set_share": 1.0}
+    # the average, 175 then 100: variance 2812.5; its items' part (1250 + 20000) / 2^2
+    assert parts["average"]["test_set_share"] == round(5312.5 / 2812.5, 2)
+    # two items that move together: half the variance of their mean is their own, half their covariance
+    for s, xs in {0: [0.0, 0.0], 1: [100.0, 100.0]}.items():
+        (tmp_path / f"local-seed{s}" / "predictions_client_0.jsonl").write_text("".join(json.dumps({"score": x}) + "\n" for x in xs))
+    assert compare.spread_sources(tmp_path, [0, 1], ["local"])["local"]["vqa"]["test_set_share"] == 0.5
+    (tmp_path / "local-seed1" / "predictions_client_1.jsonl").write_text(json.dumps({"prediction": "a"}) + "\n")
+    with pytest.raises(ValueError, match="predictions_client_1.jsonl: a prediction without its score"):
+        compare.spread_sources(tmp_path, [0, 1], ["local"])
+    summary = {"scenario": "A", "seeds": [0, 1], "methods": {"local": {
+        "per_task": {"vqa": {"mean": 1, "std": 0}}, "average": {"mean": 1, "std": 0}, "vs_local": None,
+        "average_ce": {"mean": 1, "std": 0}, "ce_vs_local": None, "ata_same_task": None,
+        "bytes_up_per_round": 0, "bytes_down_per_round": 0, "trainable_params": 1, "communicated_params": 0}},
+        "spread_sources": {"local": {"vqa": {"std": 35.36, "test_set_std": 35.36}, "average": {"std": 2.0, "test_set_std": 1.5}}}}
+    assert "| local | 35.4 (35.4) | 2.0 (1.5) |" in compare.markdown(summary)
+
+
 def test_a_change_of_rounding_moves_results_less_than_a_change_of_seed(small_backbone_dir, tmp_path):
     """Numbers that hold: the images exported to 8-bit PNG and read back through the LLaVA-format
     loader (pixel values off by at most one step), or another thread count (another order of

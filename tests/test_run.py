@@ -86,7 +86,10 @@ def test_end_to_end_two_clients_writes_results(small_backbone_dir, tmp_path):
     # the smooth metric beside the score, and every prediction in a file of its own
     assert all(c["test_ce"] > 0 for c in saved["clients"]) and set(saved["per_task_ce"]) == {"caption", "grounding"}
     lines = (tmp_path / "out" / "predictions_client_4.jsonl").read_text().splitlines()
-    assert len(lines) == 3 and {"id", "question", "answer", "prediction"} == set(json.loads(lines[0]))
+    assert len(lines) == 3 and {"id", "question", "answer", "prediction", "score"} == set(json.loads(lines[0]))
+    # each prediction's score: the client's score is their mean
+    client4 = next(c for c in saved["clients"] if c["id"] == 4)
+    assert sum(json.loads(x)["score"] for x in lines) / 3 == pytest.approx(client4["score"], abs=0.01)
 
 
 def test_ata_record_counts_the_weight_from_other_tasks():

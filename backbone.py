@@ -95,13 +95,22 @@ def tiny_image_processor():
     return CLIPImageProcessorPil(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
 
 
+def tiny_recipe() -> dict:
+    """What the tiny backbone is built from: its shape, pretraining, prompt and vocabulary."""
+    return {"tiny": TINY, "pretrain": PRETRAIN, "prompt": TINY_PROMPT, "vocab": data.VOCAB_WORDS,
+            "version": FORMAT_VERSION}
+
+
+def tiny_backbone_key() -> str:
+    """'tiny-<hash of its recipe>', the cached tiny backbone's directory name: another recipe is
+    another backbone, cached and checkpointed apart."""
+    return "tiny-" + hashlib.sha256(json.dumps(tiny_recipe(), sort_keys=True).encode()).hexdigest()[:12]
+
+
 def tiny_backbone_dir(log=print) -> Path:
     """The cached tiny backbone's directory, building and pretraining it on first use. Built in a
     temporary directory and renamed into place, so a crash never leaves a half-written cache."""
-    recipe = {"tiny": TINY, "pretrain": PRETRAIN, "prompt": TINY_PROMPT, "vocab": data.VOCAB_WORDS,
-              "version": FORMAT_VERSION}
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-    path = cache_root() / f"tiny-{key}"
+    path = cache_root() / tiny_backbone_key()
     if (path / "pilot_backbone.json").exists():
         return path
     t0 = time.time()
@@ -115,7 +124,7 @@ def tiny_backbone_dir(log=print) -> Path:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     processor.save_pretrained(tmp)
-    meta = {"prompt": TINY_PROMPT, "recipe": recipe, "pretrain_stats": stats,
+    meta = {"prompt": TINY_PROMPT, "recipe": tiny_recipe(), "pretrain_stats": stats,
             "n_parameters": sum(p.numel() for p in model.parameters()), "build_s": round(time.time() - t0, 1)}
     (tmp / "pilot_backbone.json").write_text(json.dumps(meta, indent=1))
     try:

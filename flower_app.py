@@ -319,7 +319,8 @@ def main(grid: Grid, context: Context):
     def commit(r):
         progress = {"round": r, "accepted": accepted, "token": token, "bytes_up": bytes_up,
                     "bytes_down": bytes_down, "elapsed": elapsed + time.time() - t0}
-        checkpoint.save(out, {"config": asdict(cfg), "progress": progress, "engine": "flower"}, {"downloads": downloads})
+        checkpoint.save(out, {"config": asdict(cfg), "backbone_recipe": run.backbone_recipe(cfg), "progress": progress,
+                              "engine": "flower"}, {"downloads": downloads})
 
     def contents(r, stage):
         return [RecordDict({"download": ArrayRecord(downloads[k]),

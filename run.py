@@ -496,6 +496,12 @@ RESUME_KEYS = ("scenario", "method", "backbone", "seed", "data_seed", "rounds_st
                "lambda_d", "lambda_b", "lambda_z", "grad_clip", "warmup_ratio", "loss_mean")
 
 
+def backbone_recipe(cfg: Config):
+    """The tiny backbone's cache key, which changes with its recipe; None for a checkpoint directory
+    or hub id, which --backbone names itself."""
+    return bbmod.tiny_backbone_key() if cfg.backbone == "tiny" else None
+
+
 def resume_from(out: Path, cfg: Config):
     """(meta, groups) of the run checkpointed in out, after checking that it was started with cfg's
     settings (RESUME_KEYS); CheckpointError naming each setting that differs."""
@@ -504,11 +510,14 @@ def resume_from(out: Path, cfg: Config):
     # data_seed: before it, every seed drew its own data
     default, now = asdict(Config(backbone=cfg.backbone)) | {"data_seed": None}, asdict(cfg)
     saved = {k: meta["config"].get(k, default.get(k)) for k in RESUME_KEYS}
-    differ = [k for k in RESUME_KEYS if saved[k] != now.get(k)]
+    differ = [f"{k} (saved {saved[k]!r}, now {now.get(k)!r})" for k in RESUME_KEYS if saved[k] != now.get(k)]
+    # the same name, 'tiny', after a change of its recipe is another backbone (a checkpoint that
+    # predates this record is not checked)
+    recipe = backbone_recipe(cfg)
+    if not differ and meta.get("backbone_recipe", recipe) != recipe:
+        differ.append(f"the tiny backbone's recipe (saved {meta['backbone_recipe']!r}, now {recipe!r})")
     if differ:
-        raise checkpoint.CheckpointError(
-            f"--resume: the run in {out} was started with other settings: " +
-            ", ".join(f"{k} (saved {saved[k]!r}, now {now.get(k)!r})" for k in differ))
+        raise checkpoint.CheckpointError(f"--resume: the run in {out} was started with other settings: " + ", ".join(differ))
     return checkpoint.load(out)
 
 
@@ -594,7 +603,7 @@ def run(cfg: Config, log=print):
         progress = {"round": r, "done": done, "bytes_up": bytes_up, "bytes_down": bytes_down, "history": history,
                     "trainable": trainable, "upload_params": upload_params, "losses": losses,
                     "elapsed": elapsed + time.time() - t0, "ata": ata_log}
-        checkpoint.save(out, {"config": asdict(cfg), "progress": progress},
+        checkpoint.save(out, {"config": asdict(cfg), "backbone_recipe": backbone_recipe(cfg), "progress": progress},
                         {"downloads": downloads, "private": private, "uploads": uploads, "pending": pending})
 
     for r in range(r0, rounds):

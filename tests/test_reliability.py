@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import aggregate
+import backbone
 import checkpoint
 import run
 
@@ -188,6 +189,15 @@ def test_resume_refuses_other_settings_and_corrupted_checkpoints(small_backbone_
     assert run.resume_from(out, run.Config(**{**cfg.__dict__, "data_seed": None}))
     with pytest.raises(checkpoint.CheckpointError, match=r"data_seed \(saved None, now 0\)"):
         run.resume_from(out, cfg)
+    (out / "state.json").write_text(json.dumps(dict(meta, config=dict(meta["config"], data_seed=0))))
+    # 'tiny' after a change of its recipe is another backbone: refused without building either
+    assert meta["backbone_recipe"] is None                              # a checkpoint directory
+    tiny = dict(meta, config=dict(meta["config"], data_seed=0, backbone="tiny"), backbone_recipe="tiny-000000000000")
+    (out / "state.json").write_text(json.dumps(tiny))
+    with pytest.raises(checkpoint.CheckpointError, match=r"the tiny backbone's recipe \(saved 'tiny-000000000000', now 'tiny-"):
+        run.resume_from(out, run.Config(**{**cfg.__dict__, "backbone": "tiny"}))
+    (out / "state.json").write_text(json.dumps(dict(tiny, backbone_recipe=backbone.tiny_backbone_key())))
+    assert run.resume_from(out, run.Config(**{**cfg.__dict__, "backbone": "tiny"}))
     (out / "state.json").write_text(json.dumps(dict(meta, config=dict(meta["config"], data_seed=0))))
     tensors = out / meta["tensors"]
     tensors.write_bytes(tensors.read_bytes()[:-10])                   # truncated

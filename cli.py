@@ -49,7 +49,8 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=d.out, help="output dir (default runs/scenario-<S>-<method>-seed<seed>)")
     ap.add_argument("--device", default=d.device, choices=["cpu", "cuda"], help="where to train")
     ap.add_argument("--lr-stage1", type=float, default=d.lr_stage1, help="learning rate, stage 1")
-    ap.add_argument("--lr-stage2", type=float, default=d.lr_stage2, help="learning rate, stage 2")
+    ap.add_argument("--lr-stage2", type=float, default=None,
+                    help="learning rate, stage 2 (default 3e-3 tiny, 6e-3 real checkpoints)")
     ap.add_argument("--lambda-d", type=float, default=d.lambda_d, help="λ0, weight of the difference loss L_d (stage 1)")
     ap.add_argument("--lambda-b", type=float, default=d.lambda_b, help="λ1, weight of the load-balance loss L_b (stage 2)")
     ap.add_argument("--lambda-z", type=float, default=d.lambda_z, help="λ2, weight of the router z-loss L_z (stage 2)")

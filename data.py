@@ -28,14 +28,14 @@ Train and test splits of a client are disjoint draws from the same client distri
 aside).
 
 The embedded benchmark is this world, these scenarios and run.py's "tiny" preset, as one instrument:
-- Scenario A: 6 clients (caption, caption, vqa, vqa, grounding, grounding), 400 training and 400
+- Scenario A: 6 clients (caption, caption, vqa, vqa, grounding, grounding), 150 training and 400
   test samples each; Scenario B: 8 clients, adds two text-reading clients, 100 to 400 training
   samples, 400 test samples each. 400 test samples put the binomial standard error of one client's
   accuracy at most sqrt(0.25 / 400) = 2.5 points.
 - Schedule (run.PRESETS["tiny"]): R1 = 4 stage-1 rounds and R2 = 16 stage-2 rounds of 10 local
   AdamW steps per client (batch 8), one cosine learning-rate schedule over each client's 200 steps
-  (3% warm-up), gradient norm clipped at 1.0; Local takes the same 200 steps, Centralized (one
-  model on the union of the training data) the federation's total, K x 200.
+  (3% warm-up, peak 3e-3 in both stages), gradient norm clipped at 1.0; Local takes the same 200
+  steps, Centralized (one model on the union of the training data) the federation's total, K x 200.
 - Scores: per client on its own test set, then per task and averaged over tasks (metrics below),
   and beside them the mean answer-token cross-entropy on the same test set (teacher-forced).
 - Every table gives Local (lower bound of collaboration) and Centralized (what pooling the data
@@ -404,7 +404,9 @@ class ClientSpec:
 
 
 SCENARIOS = {  # [reading] PILOT_METHOD.md, "Scenarios": this project's definition of A and B
-    "A": [ClientSpec(t, 400, 400) for t in ("caption", "caption", "vqa", "vqa", "grounding", "grounding")],
+    # A's clients hold 150 training samples each, so that one client's data leave room for pooling
+    # (RESULTS.md, steps 47, 50, 51)
+    "A": [ClientSpec(t, 150, 400) for t in ("caption", "caption", "vqa", "vqa", "grounding", "grounding")],
     "B": [ClientSpec(t, n, 400) for t, n in zip(
         ("caption", "caption", "vqa", "vqa", "grounding", "grounding", "ocr", "ocr"),
         (400, 100, 100, 400, 250, 150, 400, 100))],   # sizes differ up to 4x

@@ -42,8 +42,12 @@ import report
 # short rounds, one learning-rate schedule over the whole run. "real": the paper's (R = 1 + 3 rounds
 # of whole local epochs, LoRA r 64, alpha 128) for LLaVA checkpoints.
 PRESETS = {
-    "tiny": dict(rounds_stage1=4, rounds_stage2=16, local_steps=10, lora_r=8, lora_alpha=16.0, checkpoint="round"),
-    "real": dict(rounds_stage1=1, rounds_stage2=3, local_steps=0, lora_r=64, lora_alpha=128.0, checkpoint="client"),
+    # tiny: one peak rate for both stages (RESULTS.md, steps 47-51: at 6e-3 in stage 2 the bounds and
+    # FedAvg spread over seeds more); real: stage 2 at twice stage 1's rate, as in the paper
+    "tiny": dict(rounds_stage1=4, rounds_stage2=16, local_steps=10, lora_r=8, lora_alpha=16.0, lr_stage2=3e-3,
+                 checkpoint="round"),
+    "real": dict(rounds_stage1=1, rounds_stage2=3, local_steps=0, lora_r=64, lora_alpha=128.0, lr_stage2=6e-3,
+                 checkpoint="client"),
 }
 
 
@@ -66,7 +70,7 @@ class Config:
     device: str = "cpu"
     # optimisation (tiny-backbone scale; the paper's 7B run uses 2e-5 / 4e-5 with r 64, alpha 128)
     lr_stage1: float = 3e-3
-    lr_stage2: float = 6e-3     # stage 2 at twice stage 1's rate, as in the paper
+    lr_stage2: float = None     # None: the preset's (3e-3 tiny; 6e-3 real, twice stage 1's as in the paper)
     lambda_d: float = pilot.LAMBDA_D   # λ0, difference loss L_d (stage 1)
     lambda_b: float = pilot.LAMBDA_B   # λ1, load balance L_b (stage 2)
     lambda_z: float = pilot.LAMBDA_Z   # λ2, router z-loss L_z (stage 2)

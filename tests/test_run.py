@@ -105,9 +105,11 @@ def test_ata_record_counts_the_weight_from_other_tasks():
 def test_presets_the_benchmark_schedule_for_tiny_and_the_papers_for_checkpoints():
     tiny, _, _ = cli.parse_args([])
     assert (tiny.rounds_stage1, tiny.rounds_stage2, tiny.local_steps, tiny.lora_r, tiny.checkpoint) == (4, 16, 10, 8, "round")
+    assert (tiny.lr_stage1, tiny.lr_stage2) == (3e-3, 3e-3)             # one peak rate for both stages
     real, _, _ = cli.parse_args(["--backbone", "llava-hf/llava-1.5-7b-hf"])
     assert (real.rounds_stage1, real.rounds_stage2, real.local_steps, real.lora_r, real.lora_alpha,
-            real.checkpoint) == (1, 3, 0, 64, 128.0, "client")
+            real.checkpoint, real.lr_stage2) == (1, 3, 0, 64, 128.0, "client", 6e-3)
+    assert cli.parse_args(["--lr-stage2", "1e-3"])[0].lr_stage2 == 1e-3
     given, _, _ = cli.parse_args(["--backbone", "llava-hf/llava-1.5-7b-hf", "--local-steps", "5", "--lora-r", "16"])
     assert (given.local_steps, given.lora_r, given.rounds_stage2) == (5, 16, 3)
     # whole epochs when --local-steps is 0: ceil(ceil(n / batch) / grad_accum) per epoch

@@ -47,8 +47,8 @@ def save_client_state(out: Path, client_id, download, private):
 def write_results(out: Path, res, log=print):
     """OUT/results.json and OUT/results.md (the table, also printed), and each client's predictions
     on its whole test set in OUT/predictions_client_<id>.jsonl (one JSON object per line: id,
-    question, answer, prediction, and the prediction's score in percent units), taken out of the rows so that results.json stays small. Returns
-    what results.json holds."""
+    question, answer, prediction and its score in percent units), taken out of the rows so that
+    results.json stays small. Returns what results.json holds."""
     for row in res["clients"]:
         lines = [json.dumps(p) for p in row.get("predictions", [])]
         (out / f"predictions_client_{row['id']}.jsonl").write_text("".join(line + "\n" for line in lines))

@@ -518,7 +518,7 @@ def resume_from(out: Path, cfg: Config):
     # the same name, 'tiny', after a change of its recipe is another backbone (a checkpoint that
     # predates this record is not checked)
     recipe = backbone_recipe(cfg)
-    if not differ and meta.get("backbone_recipe", recipe) != recipe:
+    if meta.get("backbone_recipe", recipe) != recipe:
         differ.append(f"the tiny backbone's recipe (saved {meta['backbone_recipe']!r}, now {recipe!r})")
     if differ:
         raise checkpoint.CheckpointError(f"--resume: the run in {out} was started with other settings: " + ", ".join(differ))

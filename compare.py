@@ -10,10 +10,58 @@ Pure functions of results.json contents (spread_sources reads the predictions fi
 matplotlib is optional (plots are skipped, with one line saying so, when it is not installed).
 """
 import json
+import math
 import re
 import statistics
 import sys
 from pathlib import Path
+
+
+# the benchmark's spread targets, in percent of the mean: the average's std over seeds, and each task's
+SPREAD_TARGETS = {"average": 3.0, "task": 10.0}
+
+
+def chi2_cdf(x, k):
+    """P(X <= x) for a chi-square law with k degrees of freedom: the regularised lower incomplete
+    gamma function P(k/2, x/2), from its power series (exact to ~1e-12 for the sizes used here)."""
+    a, z = k / 2, x / 2
+    if z <= 0:
+        return 0.0
+    term = total = 1.0 / a
+    n = 0
+    while term > 1e-15 * total:
+        n += 1
+        term *= z / (a + n)
+        total += term
+    return min(1.0, total * math.exp(a * math.log(z) - z - math.lgamma(a)))
+
+
+def chi2_quantile(p, k):
+    """x with chi2_cdf(x, k) = p, by bisection."""
+    lo, hi = 0.0, 10.0 * k + 100.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if chi2_cdf(mid, k) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def std_interval(n, level=0.9):
+    """Factors (lo, hi) such that [lo s, hi s] is the `level` confidence interval of a normal law's
+    standard deviation from the sample std s of n draws: s² (n − 1) / σ² is chi-square with n − 1
+    degrees of freedom. Five seeds give about [0.65 s, 2.37 s]: a five-seed spread is a loose estimate."""
+    k, tail = n - 1, (1 - level) / 2
+    return math.sqrt(k / chi2_quantile(1 - tail, k)), math.sqrt(k / chi2_quantile(tail, k))
+
+
+def spread_check(ms, n, target, level=0.9):
+    """A score's std over n seeds as a percent of its mean, with its `level` interval, against a
+    target percent: "within" when the whole interval is at or below the target, "above" when all of
+    it is above, "undecided" otherwise (more seeds would tell)."""
+    lo, hi = std_interval(n, level)
+    rel = 100 * ms["std"] / ms["mean"] if ms["mean"] else float("inf")
+    verdict = "within" if rel * hi <= target else "above" if rel * lo > target else "undecided"
+    return {"percent": round(rel, 2), "low": round(rel * lo, 2), "high": round(rel * hi, 2), "target": target,
+            "verdict": verdict}
 
 
 def _mean_std(xs, digits=2):
@@ -52,10 +100,15 @@ def summarise(scenario, seeds, results):
         n_rounds = len(runs[0]["rounds"])
         ata = [rd["same_task_mean"] for r in runs for rd in r.get("ata", [])]
         other = [rd["other_task_weight_mean"] for r in runs for rd in r.get("ata", []) if "other_task_weight_mean" in rd]
+        per_task = {t: _mean_std([r["per_task"][t] for r in runs]) for t in tasks}
+        average = _mean_std([r["average"] for r in runs])
         methods[m] = {
-            "per_task": {t: _mean_std([r["per_task"][t] for r in runs]) for t in tasks},
-            "average": _mean_std([r["average"] for r in runs]),
+            "per_task": per_task,
+            "average": average,
             "average_per_seed": [r["average"] for r in runs],
+            # the spread targets, read with a 90% interval (spread_check); None for one seed
+            "spread_check": {c: spread_check(ms, len(runs), SPREAD_TARGETS["average" if c == "average" else "task"])
+                             for c, ms in {**per_task, "average": average}.items()} if len(runs) > 1 else None,
             "per_task_ce": {t: _mean_std([r["per_task_ce"][t] for r in runs], 4) for t in tasks},
             "average_ce": _mean_std([r["average_ce"] for r in runs], 4),
             "vs_local": _paired(runs, base, "average") if base else None,
@@ -131,9 +184,10 @@ def len_rounds(res):
 
 
 def markdown(summary):
-    """Two tables, methods as rows, 'mean ± std' over seeds: scores (tasks, average, paired
-    difference to Local; the best mean of each column in bold) and the smooth figures beside them
-    (test loss, its paired difference to Local, ATA's same-task share, communication, sizes)."""
+    """Tables, methods as rows, 'mean ± std' over seeds: scores (tasks, average, paired difference to
+    Local; the best mean of each column in bold), their spreads against the targets (spread_check),
+    the smooth figures beside them (test loss, its paired difference to Local, ATA's same-task
+    share, communication, sizes), then what ATA's neighbours were and where a spread comes from."""
     methods = summary["methods"]
     tasks = list(next(iter(methods.values()))["per_task"])
     cols = tasks + ["average"]
@@ -151,6 +205,18 @@ def markdown(summary):
             txt = f"{v['mean']:.1f} ± {v['std']:.1f}"
             cells.append(f"**{txt}**" if v["mean"] == best[c] else txt)
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {pm(methods[m]['vs_local'])} |")
+    checks = {m: k["spread_check"] for m, k in methods.items() if k.get("spread_check")}
+    if checks:
+        lo, hi = std_interval(len(summary["seeds"]))
+        lines += ["", f"The spread targets (std over seeds ≤ {SPREAD_TARGETS['average']:g}% of the mean for the average, "
+                  f"≤ {SPREAD_TARGETS['task']:g}% for each task): the std in % of the mean and its 90% interval "
+                  f"([{lo:.2f}, {hi:.2f}] x the std for {len(summary['seeds'])} seeds); ✓ the interval is within the "
+                  "target, ✗ above it, ? undecided", "",
+                  "| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        mark = {"within": "✓", "above": "✗", "undecided": "?"}
+        for m, ch in checks.items():
+            lines.append(f"| {m} | " + " | ".join(f"{ch[c]['percent']:.1f} [{ch[c]['low']:.1f}, {ch[c]['high']:.1f}] "
+                                                  f"{mark[ch[c]['verdict']]}" for c in cols) + " |")
     lines += ["", "| method | test loss | Δ test loss vs local | ATA neighbours of the own task | kB up / round | "
               "kB down / round | trainable params | communicated params |", "|---" * 8 + "|"]
     for m, k in methods.items():

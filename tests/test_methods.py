@@ -221,6 +221,35 @@ def test_comparison_gives_mean_std_and_the_paired_difference_to_local():
         "Scenario A, seeds 0, 1, the data drawn once with seed 0 (mean")
 
 
+def test_spread_check_reads_a_spread_target_with_the_chi_square_interval():
+    import compare
+    # the chi-square law's tabulated quantiles (9 and 4 degrees of freedom; 1: 1.96², its 95% quantile)
+    for p, k, x in [(0.05, 9, 3.325), (0.95, 9, 16.919), (0.05, 4, 0.711), (0.95, 4, 9.488), (0.95, 1, 3.8415)]:
+        assert compare.chi2_quantile(p, k) == pytest.approx(x, abs=5e-4)
+    lo, hi = compare.std_interval(10)          # sqrt(9 / 16.919), sqrt(9 / 3.325)
+    assert (round(lo, 3), round(hi, 3)) == (0.729, 1.645)
+    # 10 seeds, std 2 on a mean of 100: 2% within [1.46, 3.29] -> undecided against 3%, within 4%, above 1%
+    ms = {"mean": 100.0, "std": 2.0}
+    assert compare.spread_check(ms, 10, 3.0) == {"percent": 2.0, "low": 1.46, "high": 3.29, "target": 3.0,
+                                                 "verdict": "undecided"}
+    assert compare.spread_check(ms, 10, 4.0)["verdict"] == "within"
+    assert compare.spread_check(ms, 10, 1.0)["verdict"] == "above"
+
+    def res(avg, vqa):
+        return {"per_task": {"vqa": vqa}, "average": avg, "per_task_ce": {"vqa": 1.0}, "average_ce": 1.0,
+                "rounds": [{"round": 1, "average": avg}], "bytes_up": 0, "bytes_down": 0, "trainable_params": 1,
+                "communicated_params": 0, "wall_s": 1.0, "config": {"rounds_stage1": 1, "rounds_stage2": 0},
+                "clients": [{"id": 0, "task": "vqa"}]}
+    # 3 seeds: 2 degrees of freedom, whose quantiles are -2 ln(1 - p): [sqrt(2 / 5.991), sqrt(2 / 0.1026)] x the std;
+    # average 99, 100, 101: std 1 (1.0%, [0.58, 4.42]); vqa 10, 20, 30: std 10 (50%, [28.9, 220.8])
+    s = compare.summarise("A", [0, 1, 2], {"local": [res(99, 10), res(100, 20), res(101, 30)]})
+    check = s["methods"]["local"]["spread_check"]
+    assert check["average"]["verdict"] == "undecided" and check["vqa"]["verdict"] == "above"
+    assert "| local | 50.0 [28.9, 220.8] ✗ | 1.0 [0.6, 4.4] ? |" in compare.markdown(s)
+    one = compare.summarise("A", [0], {"local": [res(99, 10)]})
+    assert one["methods"]["local"]["spread_check"] is None and "spread targets" not in compare.markdown(one)
+
+
 def test_ata_by_task_says_which_tasks_fill_a_clients_neighbours():
     import compare
     clients = [{"id": 0, "task": "caption"}, {"id": 1, "task": "caption"}, {"id": 2, "task": "vqa"},

@@ -29,7 +29,6 @@ from tqdm import tqdm
 import aggregate
 import backbone as bbmod
 import checkpoint
-import compare
 import data
 import faults
 import features
@@ -460,18 +459,21 @@ def server_step(uploads, downloads, tasks_of, n, expected, cfg: Config, log=prin
                         record=record), accepted
 
 
-def ata_record(neighbours, tasks_of, weights=None):
+def ata_record(neighbours, tasks_of, weights=None, ids=None):
     """What ATA did in a round, for results.json: each client's N_M(k), the fraction of it that
     holds the client's own task, and (weights given) how much of the client's Θ̄^l_k comes from
-    clients of other tasks: Σ A_kj over neighbours j of another task."""
+    clients of other tasks: Σ A_kj over neighbours j of another task. neighbours and weights are by
+    position in the round; the record names clients by ids[position] (their scenario index, as in
+    results.json's clients), the position itself when ids is None."""
+    name = (lambda k: k) if ids is None else ids.__getitem__
     share = {k: sum(tasks_of[j] == tasks_of[k] for j in nb) / max(1, len(nb)) for k, nb in neighbours.items()}
-    rec = {"neighbours": {str(k): nb for k, nb in neighbours.items()},
-           "same_task": {str(k): round(v, 4) for k, v in share.items()},
+    rec = {"neighbours": {str(name(k)): [name(j) for j in nb] for k, nb in neighbours.items()},
+           "same_task": {str(name(k)): round(v, 4) for k, v in share.items()},
            "same_task_mean": round(sum(share.values()) / max(1, len(share)), 4)}
     if weights is not None:
         other = {k: sum(a for j, a in w.items() if tasks_of[j] != tasks_of[k]) for k, w in weights.items()}
-        rec["weights"] = {str(k): {str(j): round(a, 4) for j, a in w.items()} for k, w in weights.items()}
-        rec["other_task_weight"] = {str(k): round(v, 4) for k, v in other.items()}
+        rec["weights"] = {str(name(k)): {str(name(j)): round(a, 4) for j, a in w.items()} for k, w in weights.items()}
+        rec["other_task_weight"] = {str(name(k)): round(v, 4) for k, v in other.items()}
         rec["other_task_weight_mean"] = round(sum(other.values()) / max(1, len(other)), 4)
     return rec
 
@@ -641,7 +643,8 @@ def run(cfg: Config, log=print):
         line = (f"round {r + 1}/{rounds} (stage {stage}): mean last loss {sum(losses) / max(1, len(losses)):.3f}, "
                 f"up {ru / 1e6:.2f} MB, down {rd / 1e6:.2f} MB, {time.time() - tr:.1f} s")
         if "neighbours" in ata_did:
-            ata_log.append({"round": r + 1, **ata_record(ata_did["neighbours"], train_tasks_of, ata_did["weights"])})
+            ata_log.append({"round": r + 1, **ata_record(ata_did["neighbours"], train_tasks_of, ata_did["weights"],
+                                                            [ct.id for ct in trainers])})
             line += f", ATA neighbours of the client's own task {ata_log[-1]['same_task_mean']:.2f}"
         if cfg.eval_every_round and r < rounds - 1:
             _, pt, avg = evaluate_all(bb, cts, *for_eval(downloads, private), stage, tasks, cfg)
@@ -667,22 +670,6 @@ def run(cfg: Config, log=print):
     for k in range(len(cts)):
         report.save_client_state(out, cts[k].id, downloads[k], private[k])
     return report.write_results(out, res, log)
-
-
-def run_comparison(cfg: Config, methods, seeds, log=print):
-    """Every method for every seed on the same data and backbone, then compare.json / .md / plots."""
-    t0 = time.time()
-    out = Path(cfg.out or f"runs/compare-{cfg.scenario}")
-    results = {m: [] for m in methods}
-    for m in methods:
-        for s in seeds:
-            results[m].append(run(replace(cfg, method=m, seed=s, out=str(out / f"{m}-seed{s}")), log=log))
-    summary = compare.summarise(cfg.scenario, seeds, results)
-    summary["spread_sources"] = compare.spread_sources(out, seeds, methods) if len(seeds) > 1 else None
-    summary["wall_s"] = round(time.time() - t0, 1)
-    compare.write(summary, out, log)
-    log(f"wrote {out}/compare.json, compare.md; wall time {summary['wall_s']:.0f} s")
-    return summary
 
 
 def federation_size(cfg: Config):

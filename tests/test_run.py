@@ -100,6 +100,10 @@ def test_ata_record_counts_the_weight_from_other_tasks():
     assert rec["other_task_weight"] == {"0": 0.25, "1": 0.0, "2": 0.6}
     assert rec["other_task_weight_mean"] == round(0.85 / 3, 4)
     assert "weights" not in run.ata_record({0: [1]}, tasks_of)
+    # a run of scenario clients 0, 2 and 5 names them so, as results.json's clients and the predictions files do
+    named = run.ata_record({0: [1, 2], 1: [0], 2: [0, 1]}, tasks_of, weights, ids=[0, 2, 5])
+    assert named["neighbours"] == {"0": [2, 5], "2": [0], "5": [0, 2]}
+    assert named["weights"]["5"] == {"5": 0.4, "0": 0.35, "2": 0.25} and named["other_task_weight"]["5"] == 0.6
 
 
 def test_presets_the_benchmark_schedule_for_tiny_and_the_papers_for_checkpoints():

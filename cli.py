@@ -3,7 +3,7 @@ The command line of run.py: every Config field as a flag, checked before any wor
 entry point.
 
     python run.py --scenario A                               # one run (run.run)
-    python run.py --scenario A --methods local,centralized   # a comparison over seeds (run.run_comparison)
+    python run.py --scenario A --methods local,centralized   # a comparison over seeds (compare.run_comparison)
 
 Defaults live in run.py (Config, PRESETS), not here: a flag without a value keeps Config's.
 """
@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import checkpoint
+import compare
 import data
 import faults
 import run
@@ -20,6 +21,12 @@ from run import DTYPES, METHODS, Config
 
 
 def parse_args(argv=None):
+    """(cfg, methods, seeds): methods and seeds None unless a comparison is asked for."""
+    return parse_command(argv)[:3]
+
+
+def parse_command(argv=None):
+    """(cfg, methods, seeds, jobs): parse_args's and the comparison's number of runs at once."""
     d = Config()
     ap = OneLineErrors(description="Pilot federated multimodal instruction tuning (simulated clients).")
     ap.add_argument("--scenario", default=d.scenario, choices=sorted(data.SCENARIOS),
@@ -31,6 +38,8 @@ def parse_args(argv=None):
                     help=f"synthetic data: the seed that draws every client's domain and samples (default "
                          f"{d.data_seed}, the benchmark's world); 'seed': each --seed draws its own data")
     ap.add_argument("--seeds", default=None, help="comparison: comma-separated seeds (default 0,1,2,3,4)")
+    ap.add_argument("--jobs", type=int, default=1, help="comparison: runs at once, each in its own process with "
+                    "its share of the threads (a CPU finishes sooner with 2 one-thread runs than 1 two-thread run)")
     ap.add_argument("--mu", type=float, default=d.mu, help="FedProx's proximal weight μ")
     ap.add_argument("--eval-every-round", action="store_true", help="evaluate every client after every round")
     ap.add_argument("--rounds-stage1", type=int, default=None,
@@ -84,13 +93,15 @@ def parse_args(argv=None):
                     "the test samples, drawn after them, change with it)")
     ap.add_argument("--n-test", type=int, default=None, help="test samples per client (default: scenario's)")
     a = ap.parse_args(argv)
-    kw = {k: v for k, v in vars(a).items() if k not in ("methods", "seeds")}
+    kw = {k: v for k, v in vars(a).items() if k not in ("methods", "seeds", "jobs")}
     kw["clients"] = [int(x) for x in a.clients.split(",")] if a.clients else None
     methods = None if a.methods is None else list(METHODS) if a.methods == "all" else a.methods.split(",")
     for m in methods or []:
         if m not in METHODS:
             ap.error(f"unknown method {m!r} in --methods; choose from {', '.join(METHODS)}")
     seeds = None if a.seeds is None else [int(x) for x in a.seeds.split(",")]
+    if a.jobs < 1 or (a.jobs > 1 and methods is None and seeds is None):
+        ap.error(f"--jobs {a.jobs}: runs of a comparison at once, at least 1 (give --methods or --seeds for more)")
     if "data_seed" in kw and a.data:
         ap.error("--data-seed: draws the synthetic scenarios only, not --data")
     cfg = Config(**kw)
@@ -98,7 +109,7 @@ def parse_args(argv=None):
         check_config(cfg)
     except ValueError as e:
         ap.error(str(e))
-    return cfg, methods, seeds
+    return cfg, methods, seeds, a.jobs
 
 
 class OneLineErrors(argparse.ArgumentParser):
@@ -133,10 +144,10 @@ def check_config(cfg: Config):
 def main(argv=None):
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # weight-loading bars say nothing a researcher needs here
-    cfg, methods, seeds = parse_args(argv)
+    cfg, methods, seeds, jobs = parse_command(argv)
     try:
         if methods or seeds:
-            run.run_comparison(cfg, methods or [cfg.method], seeds or run.COMPARISON_SEEDS)
+            compare.run_comparison(cfg, methods or [cfg.method], seeds or run.COMPARISON_SEEDS, jobs)
         else:
             run.run(cfg)
     except (checkpoint.CheckpointError, data.DataError) as e:

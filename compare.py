@@ -1,20 +1,94 @@
 """
-Summaries of several runs: mean ± std over seeds per method, each method's paired difference to
-Local (the per-seed difference, then its mean ± std), a paper-style markdown table, plots.
+Comparisons: every method for every seed (run_comparison), then summaries of the runs: mean ± std
+over seeds per method, each method's paired difference to Local (the per-seed difference, then its
+mean ± std), the spread targets, a paper-style markdown table, plots.
 
     python run.py --scenario A --methods all          # seeds 0-4 by default; runs everything, then calls these
+    python run.py --scenario A --methods all --jobs 2 # two runs at once, one thread each
     python compare.py runs/compare-A                  # the summaries again, from the runs' results.json
                                                       # and predictions files (where the spread comes from)
 
-Pure functions of results.json contents (spread_sources reads the predictions files too);
-matplotlib is optional (plots are skipped, with one line saying so, when it is not installed).
+The summaries are pure functions of results.json contents (spread_sources reads the predictions
+files too); matplotlib is optional (plots are skipped, with one line saying so, when it is not
+installed).
 """
 import json
 import math
 import re
 import statistics
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
+
+
+def run_comparison(cfg, methods, seeds, jobs=1, log=print, threads=None):
+    """Every method for every seed on the same data and backbone (run.run with cfg's other
+    settings, each run in <out>/<method>-seed<s>), then compare.json / .md / plots in out.
+
+    jobs > 1 runs that many at once, each in its own process with `threads` threads (default: the
+    threads torch would use, divided by jobs), its log in <run>/run.log. Why: a tiny run is too
+    small to keep two threads busy (on 2 cores a run takes 95 s of CPU on one thread and 160 s on
+    two), so one-thread runs side by side finish a comparison sooner. A run's results do not
+    depend on how many runs share the machine; they depend on its thread count only where that
+    changes the rounding (README, "Time and memory", says what was measured)."""
+    import run      # run.py imports this module for its summaries
+    t0 = time.time()
+    out = Path(cfg.out or f"runs/compare-{cfg.scenario}")
+    cfgs = {(m, s): replace(cfg, method=m, seed=s, out=str(out / f"{m}-seed{s}")) for m in methods for s in seeds}
+    if jobs > 1:
+        done = _run_side_by_side(cfgs, jobs, threads, log)
+    else:
+        done = {key: run.run(c, log=log) for key, c in cfgs.items()}
+    results = {m: [done[m, s] for s in seeds] for m in methods}
+    summary = summarise(cfg.scenario, seeds, results)
+    summary["spread_sources"] = spread_sources(out, seeds, methods) if len(seeds) > 1 else None
+    summary["wall_s"] = round(time.time() - t0, 1)
+    write(summary, out, log)
+    log(f"wrote {out}/compare.json, compare.md; wall time {summary['wall_s']:.0f} s")
+    return summary
+
+
+def _run_side_by_side(cfgs, jobs, threads, log):
+    """{(method, seed): results} of cfgs' runs, `jobs` at a time in worker processes."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    import torch
+    import backbone
+    if any(c.backbone == "tiny" for c in cfgs.values()):
+        backbone.tiny_backbone_dir(log)     # built once, here, rather than by every worker at once
+    threads = threads or max(1, torch.get_num_threads() // jobs)
+    log(f"{len(cfgs)} runs, {jobs} at a time, {threads} thread(s) each; each run's log in its directory's run.log")
+    done = {}
+    # spawn, not fork: a forked child of a process that has run torch's thread pools can hang
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_run_logged, c, threads, dict(backbone.PRETRAIN)): key for key, c in cfgs.items()}
+        try:
+            for f in as_completed(futures):
+                (m, s), res = futures[f], f.result()
+                done[m, s] = res
+                log(f"{m} seed {s}: average {res['average']:.2f}, test loss {res['average_ce']:.4f}, "
+                    f"{res['wall_s']:.0f} s ({len(done)}/{len(cfgs)})")
+        except BaseException:
+            for f in futures:
+                f.cancel()          # a failed run ends the comparison, as it does one run at a time
+            raise
+    return done
+
+
+def _run_logged(cfg, threads, pretrain):
+    """One run in a worker process: the parent's thread share and tiny-backbone recipe, the log in
+    <out>/run.log."""
+    import torch
+    from transformers.utils import logging as hf_logging
+    import backbone
+    import run
+    torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()
+    backbone.PRETRAIN.update(pretrain)   # a recipe changed in the parent (RESULTS.md's commands) holds here too
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    with open(Path(cfg.out) / "run.log", "w") as f:
+        return run.run(cfg, log=lambda *a: print(*a, file=f, flush=True))
 
 
 # the benchmark's spread targets, in percent of the mean: the average's std over seeds, and each task's

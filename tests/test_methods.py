@@ -296,6 +296,35 @@ def test_a_comparison_is_summarised_again_from_its_runs(tmp_path):
         compare.load(tmp_path / "fedavg-seed0")
 
 
+def test_a_comparison_run_side_by_side_gives_the_same_results(small_backbone_dir, tmp_path):
+    import compare
+    cfg = run.Config(clients=[0, 2], n_train=8, n_test=2, batch_size=4, local_steps=2, rounds_stage1=1, rounds_stage2=1,
+                     backbone=str(small_backbone_dir))
+    threads = torch.get_num_threads()     # the same thread count both ways: this checks the running, not rounding
+    one = compare.run_comparison(replace(cfg, out=str(tmp_path / "one")), ["pilot"], [0, 1], log=lambda *a: None)
+    logs = []
+    two = compare.run_comparison(replace(cfg, out=str(tmp_path / "two")), ["pilot"], [0, 1], jobs=2,
+                                 threads=threads, log=logs.append)
+    drop = lambda summary: {m: {k: v for k, v in x.items() if k != "wall_s"} for m, x in summary["methods"].items()}
+    assert drop(one) == drop(two) and one["spread_sources"] == two["spread_sources"]
+    for m, s, k in [("pilot", 0, 0), ("pilot", 1, 2)]:
+        assert ((tmp_path / "one" / f"{m}-seed{s}" / f"predictions_client_{k}.jsonl").read_text()
+                == (tmp_path / "two" / f"{m}-seed{s}" / f"predictions_client_{k}.jsonl").read_text())
+        assert "round 2/2" in (tmp_path / "two" / f"{m}-seed{s}" / "run.log").read_text()
+    assert sum(" seed " in line and "(2/2)" in line for line in logs) == 1
+    assert one["methods"]["pilot"]["ata_by_task"] is not None    # ATA's record names the run's clients by id
+    assert (tmp_path / "two" / "compare.md").read_text() == (tmp_path / "one" / "compare.md").read_text()
+
+
+def test_jobs_belongs_to_a_comparison(capsys):
+    import cli
+    assert cli.parse_command(["--methods", "local", "--jobs", "2"])[3] == 2 and cli.parse_command([])[3] == 1
+    for argv in (["--jobs", "2"], ["--methods", "local", "--jobs", "0"]):
+        with pytest.raises(SystemExit) as e:
+            cli.parse_command(argv)
+        assert e.value.code == 2 and "--jobs" in capsys.readouterr().err
+
+
 def test_spread_sources_splits_a_spread_into_the_test_sets_part_and_the_trainings(tmp_path):
     import json
     import compare

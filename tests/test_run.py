@@ -77,11 +77,12 @@ def test_end_to_end_two_clients_writes_results(small_backbone_dir, tmp_path):
     assert any(k.startswith("private.client_adapter.") for k in state)
     assert any(k.startswith("global_task_adapter.grounding.") for k in state)
     assert res["average"] == saved["average"]
-    # what ATA did each round: two clients of different tasks are each other's only neighbour
+    # what ATA did each round: two clients of different tasks (scenario clients 0 and 4, named so) are
+    # each other's only neighbour
     assert [a["round"] for a in saved["ata"]] == [1, 2]
-    assert saved["ata"][0]["neighbours"] == {"0": [1], "1": [0]} and saved["ata"][0]["same_task_mean"] == 0.0
+    assert saved["ata"][0]["neighbours"] == {"0": [4], "4": [0]} and saved["ata"][0]["same_task_mean"] == 0.0
     # with equal sizes λ_k = 1/2: half of each client's Θ̄^l is the other task's client's
-    assert saved["ata"][0]["weights"] == {"0": {"0": 0.5, "1": 0.5}, "1": {"1": 0.5, "0": 0.5}}
+    assert saved["ata"][0]["weights"] == {"0": {"0": 0.5, "4": 0.5}, "4": {"4": 0.5, "0": 0.5}}
     assert saved["ata"][0]["other_task_weight_mean"] == 0.5
     # the smooth metric beside the score, and every prediction in a file of its own
     assert all(c["test_ce"] > 0 for c in saved["clients"]) and set(saved["per_task_ce"]) == {"caption", "grounding"}

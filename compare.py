@@ -131,8 +131,10 @@ def spread_check(ms, n, target, level=0.9):
     """A score's std over n seeds as a percent of its mean, with its `level` interval, against a
     target percent: "within" when the whole interval is at or below the target, "above" when all of
     it is above, "undecided" otherwise (more seeds would tell)."""
+    if not ms["mean"]:     # no relative spread of a zero mean (and no Infinity in compare.json)
+        return {"percent": None, "low": None, "high": None, "target": target, "verdict": "undefined"}
     lo, hi = std_interval(n, level)
-    rel = 100 * ms["std"] / ms["mean"] if ms["mean"] else float("inf")
+    rel = 100 * ms["std"] / ms["mean"]
     verdict = "within" if rel * hi <= target else "above" if rel * lo > target else "undecided"
     return {"percent": round(rel, 2), "low": round(rel * lo, 2), "high": round(rel * hi, 2), "target": target,
             "verdict": verdict}
@@ -288,9 +290,10 @@ def markdown(summary):
                   "target, ✗ above it, ? undecided", "",
                   "| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         mark = {"within": "✓", "above": "✗", "undecided": "?"}
+        cell = lambda ch: "– (mean 0)" if ch["percent"] is None else \
+            f"{ch['percent']:.1f} [{ch['low']:.1f}, {ch['high']:.1f}] {mark[ch['verdict']]}"
         for m, ch in checks.items():
-            lines.append(f"| {m} | " + " | ".join(f"{ch[c]['percent']:.1f} [{ch[c]['low']:.1f}, {ch[c]['high']:.1f}] "
-                                                  f"{mark[ch[c]['verdict']]}" for c in cols) + " |")
+            lines.append(f"| {m} | " + " | ".join(cell(ch[c]) for c in cols) + " |")
     lines += ["", "| method | test loss | Δ test loss vs local | ATA neighbours of the own task | kB up / round | "
               "kB down / round | trainable params | communicated params |", "|---" * 8 + "|"]
     for m, k in methods.items():

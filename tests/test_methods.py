@@ -234,6 +234,7 @@ def test_spread_check_reads_a_spread_target_with_the_chi_square_interval():
                                                  "verdict": "undecided"}
     assert compare.spread_check(ms, 10, 4.0)["verdict"] == "within"
     assert compare.spread_check(ms, 10, 1.0)["verdict"] == "above"
+    assert compare.spread_check({"mean": 0.0, "std": 0.0}, 10, 10.0)["verdict"] == "undefined"   # a task at 0
 
     def res(avg, vqa):
         return {"per_task": {"vqa": vqa}, "average": avg, "per_task_ce": {"vqa": 1.0}, "average_ce": 1.0,
@@ -246,6 +247,9 @@ def test_spread_check_reads_a_spread_target_with_the_chi_square_interval():
     check = s["methods"]["local"]["spread_check"]
     assert check["average"]["verdict"] == "undecided" and check["vqa"]["verdict"] == "above"
     assert "| local | 50.0 [28.9, 220.8] ✗ | 1.0 [0.6, 4.4] ? |" in compare.markdown(s)
+    zero = compare.summarise("A", [0, 1], {"local": [res(99, 0), res(101, 0)]})
+    # vqa at 0: no relative spread; the average's std sqrt(2) on 100, x [0.51, 15.95] for 2 seeds (1 degree of freedom)
+    assert "| local | – (mean 0) | 1.4 [0.7, 22.5] ? |" in compare.markdown(zero)
     one = compare.summarise("A", [0], {"local": [res(99, 10)]})
     assert one["methods"]["local"]["spread_check"] is None and "spread targets" not in compare.markdown(one)
 

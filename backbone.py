@@ -174,7 +174,8 @@ def pretrain_vision(model, corpus, pixels, log=print):
     sizes = (len(data.COLOURS) + 1, len(data.SHAPES), len(data.SIZES))
     head = torch.nn.Linear(model.config.vision_config.hidden_size, sum(sizes) + 3 + 11)
     params = list(tower.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=p["lr"], weight_decay=0.0)
+    # foreach, as in run.client_round: the same weights bit for bit, the build about 10% faster
+    opt = torch.optim.AdamW(params, lr=p["lr"], weight_decay=0.0, foreach=True)
     sched = cosine_schedule(opt, p["vision_steps"], p["warmup"])
     g = torch.Generator().manual_seed(p["seed"] + 1)
     tower.train()
@@ -191,7 +192,7 @@ def pretrain_vision(model, corpus, pixels, log=print):
         loss = loss + torch.nn.functional.mse_loss(c[has, sum(sizes):sum(sizes) + 3], gt[has]) * 10
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         opt.step()
         sched.step()
         if step % 500 == 0 or step == p["vision_steps"] - 1:
@@ -220,7 +221,7 @@ def pretrain(bb, log=print):
         pretrain_vision(bb.model, seen, bb.pixels([s.image for s in seen]) if named else pixels, log)
     items = [bb.encode(s)[:2] for s in corpus]
     model = bb.model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=0.0, foreach=True)
     steps = p["epochs"] * math.ceil(len(corpus) / p["batch_size"])
     sched = cosine_schedule(opt, steps, p["warmup"])
     g = torch.Generator().manual_seed(p["seed"])

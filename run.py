@@ -208,7 +208,10 @@ def client_round(bb, ct: features.ClientTensors, download, private, stage, tasks
     params = list(trainable.values())
     anchor = [p.detach().clone() for p in params] if method.prox else None
     lr = cfg.lr_stage1 if stage == 1 else cfg.lr_stage2
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    # foreach: a handful of calls per step over all tensors rather than several per tensor. It is
+    # torch's default on CUDA; on the CPU it does the same arithmetic, bit for bit (the same runs, the
+    # same predictions), and the tiny runs train about 8% faster (README, "Time and memory").
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True)
     n = len(ct.items_train)
     steps = steps_per_round(cfg, n)
     # one cosine schedule over the client's steps of the whole run, continued from round to round
@@ -233,7 +236,7 @@ def client_round(bb, ct: features.ClientTensors, download, private, stage, tasks
                 loss = loss + cfg.mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(params, anchor))
             (loss / cfg.grad_accum).backward()
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
         opt.step()
         sched.step()
         losses.append(ce.item())

@@ -28,10 +28,9 @@ def run_comparison(cfg, methods, seeds, jobs=1, log=print, threads=None):
 
     jobs > 1 runs that many at once, each in its own process with `threads` threads (default: the
     threads torch would use, divided by jobs), its log in <run>/run.log. Why: a tiny run keeps a
-    second thread only partly busy, so one-thread runs side by side finish a comparison sooner (on 2
-    cores A's took 14 min two at a time, about 27 one at a time). A run's results do not
-    depend on how many runs share the machine; they depend on its thread count only where that
-    changes the rounding (README, "Time and memory", says what was measured)."""
+    second thread only partly busy, so one-thread runs side by side finish a comparison sooner. A
+    run's results do not depend on how many runs share the machine; they depend on its thread count
+    only where that changes the rounding (README, "Time and memory", has the figures for both)."""
     import run      # run.py imports this module for its summaries
     t0 = time.time()
     out = Path(cfg.out or f"runs/compare-{cfg.scenario}")

@@ -1,19 +1,21 @@
 """
-The LLaVA backbone: the embedded "tiny" one (built, pretrained and cached on first use) or any
-LLaVA checkpoint in Hugging Face format, loaded the same way; plus prompt encoding and batching.
+The LLaVA backbone: the embedded "tiny" one (shipped in tiny-backbone/, rebuildable from its recipe)
+or any LLaVA checkpoint in Hugging Face format, loaded the same way; plus prompt encoding and batching.
 
-    python backbone.py            # build (or find) the tiny backbone and print where it is cached
-    python backbone.py --probe    # and how well it describes, locates and reads on held-out images
-    python backbone.py --probe-features   # what its frozen image features H_v carry, read by small probes
+    python backbone.py                         # check the shipped tiny backbone against its recipe
+    python backbone.py --build tiny-backbone   # rebuild it from its recipe (about 2.5 min on 2 cores)
 
 The tiny backbone is a real LlavaForConditionalGeneration (a small CLIP vision tower, a small Llama,
 the LLaVA-1.5 two-layer projector), a word-level PreTrainedTokenizerFast over the synthetic world's
-vocabulary, and a CLIP image processor, saved with save_pretrained (safetensors). It is pretrained
+vocabulary, and a CLIP image processor, saved with save_pretrained (safetensors). It was pretrained
 briefly and deterministically, so that the frozen parts mean something: the vision tower alone on a
 dense per-patch objective (pretrain_vision), then in full (vision tower, projector, LLM) on
 data.pretraining_corpus, a neutral "describe the objects" set disjoint from every client's data.
-Its directory is keyed by a hash of its config, pretraining settings and seed under $PILOT_CACHE
-(default ~/.cache/pilot-fedmit).
+The shipped files are the benchmark's instrument: every run loads them, nothing is built at run
+time. Their pilot_backbone.json names the recipe they were built from (tiny_backbone_key, a hash of
+the shape, pretraining settings, prompt and vocabulary); loading refuses files of another recipe.
+A rebuild is deterministic on one machine (the same bytes); another machine's arithmetic may round
+differently, which is why the files, not the recipe, define the benchmark.
 """
 import hashlib
 import json
@@ -47,7 +49,12 @@ LLAVA_PROMPT = "USER: <image>\n{question} ASSISTANT:"  # Vicuna v1, LLaVA-1.5's 
 FORMAT_VERSION = 1   # bump when the tiny backbone's recipe changes, so old caches are not reused
 
 
+TINY_DIR = Path(__file__).resolve().parent / "tiny-backbone"   # the shipped tiny backbone
+
+
 def cache_root() -> Path:
+    """Where derived files live (the feature cache, a Flower node's state): $PILOT_CACHE, default
+    ~/.cache/pilot-fedmit."""
     return Path(os.environ.get("PILOT_CACHE") or Path.home() / ".cache" / "pilot-fedmit")
 
 
@@ -108,13 +115,25 @@ def tiny_backbone_key() -> str:
 
 
 def tiny_backbone_dir(log=print) -> Path:
-    """The cached tiny backbone's directory, building and pretraining it on first use. Built in a
-    temporary directory and renamed into place, so a crash never leaves a half-written cache."""
-    path = cache_root() / tiny_backbone_key()
-    if (path / "pilot_backbone.json").exists():
-        return path
+    """The shipped tiny backbone's directory, after checking that it was built from this recipe."""
+    meta = TINY_DIR / "pilot_backbone.json"
+    if not meta.is_file():
+        raise FileNotFoundError(f"{TINY_DIR}: the tiny backbone is missing; rebuild it with "
+                                f"'python backbone.py --build {TINY_DIR.name}'")
+    built = json.loads(meta.read_text()).get("key")
+    if built != tiny_backbone_key():
+        raise ValueError(f"{TINY_DIR} holds the tiny backbone {built}, but backbone.py's recipe is "
+                         f"{tiny_backbone_key()}: rebuild it with 'python backbone.py --build {TINY_DIR.name}'")
+    return TINY_DIR
+
+
+def build_tiny(path, log=print) -> Path:
+    """Build and pretrain the tiny backbone from its recipe (TINY, PRETRAIN) into path. Written to a
+    temporary directory beside it and renamed into place, so a crash never leaves half a backbone.
+    Deterministic: the same machine writes the same bytes."""
+    path = Path(path).resolve()
     t0 = time.time()
-    log(f"building the tiny backbone (first use) in {path}")
+    log(f"building the tiny backbone {tiny_backbone_key()} in {path}")
     tokenizer, processor = tiny_tokenizer(), tiny_image_processor()
     model = tiny_model(tokenizer, PRETRAIN["seed"])
     bb = Backbone(model, tokenizer, processor, "tiny", TINY_PROMPT)
@@ -124,14 +143,17 @@ def tiny_backbone_dir(log=print) -> Path:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     processor.save_pretrained(tmp)
-    meta = {"prompt": TINY_PROMPT, "recipe": tiny_recipe(), "pretrain_stats": stats,
-            "n_parameters": sum(p.numel() for p in model.parameters()), "build_s": round(time.time() - t0, 1)}
-    (tmp / "pilot_backbone.json").write_text(json.dumps(meta, indent=1))
-    try:
-        os.rename(tmp, path)
-    except OSError:  # another process finished first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    log(f"tiny backbone ready ({meta['n_parameters']:,} parameters, {meta['build_s']} s)")
+    # no build time here: a rebuild on the same machine writes the same bytes in every file
+    meta = {"key": tiny_backbone_key(), "prompt": TINY_PROMPT, "recipe": tiny_recipe(), "pretrain_stats": stats,
+            "n_parameters": sum(p.numel() for p in model.parameters()),
+            "model_sha256": hashlib.sha256((tmp / "model.safetensors").read_bytes()).hexdigest()}
+    (tmp / "pilot_backbone.json").write_text(json.dumps(meta, indent=1) + "\n")
+    for f in [tmp, *tmp.iterdir()]:
+        f.chmod(0o755 if f.is_dir() else 0o644)
+    if path.exists():
+        shutil.rmtree(path)
+    os.rename(tmp, path)
+    log(f"tiny backbone built in {path} ({meta['n_parameters']:,} parameters, {time.time() - t0:.0f} s)")
     return path
 
 
@@ -470,12 +492,14 @@ if __name__ == "__main__":
     import argparse
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
-    ap = argparse.ArgumentParser(description="Build (or find) the tiny backbone; print its directory.")
+    ap = argparse.ArgumentParser(description="Check the shipped tiny backbone against its recipe, or rebuild it.")
+    ap.add_argument("--build", metavar="DIR", help="build the tiny backbone from its recipe into DIR "
+                    f"(the shipped one: {TINY_DIR.name})")
     ap.add_argument("--probe", action="store_true", help="also measure what it describes, locates and reads (probe())")
     ap.add_argument("--probe-features", action="store_true", help="also measure what its frozen image features carry (probe_features())")
     args = ap.parse_args()
-    path = tiny_backbone_dir()
-    print(path)
+    path = build_tiny(args.build) if args.build else tiny_backbone_dir()
+    print(f"{path}: the tiny backbone {tiny_backbone_key()}")
     if args.probe:
         print(json.dumps(probe(load_backbone(str(path), log=lambda *a: None)), indent=1))
     if args.probe_features:

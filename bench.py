@@ -288,13 +288,8 @@ def bench_features(counts, root: Path):
 def main_features(counts):
     import os
     import tempfile
-    import backbone
-    tiny = backbone.tiny_backbone_dir()
     with tempfile.TemporaryDirectory(prefix="pilot-bench-features-") as tmp:
-        # the feature cache under a temporary $PILOT_CACHE (gone afterwards), which shows the tiny backbone
-        (Path(tmp) / "cache").mkdir()
-        (Path(tmp) / "cache" / tiny.name).symlink_to(tiny)
-        os.environ["PILOT_CACHE"] = str(Path(tmp) / "cache")
+        os.environ["PILOT_CACHE"] = str(Path(tmp) / "cache")   # the feature cache, gone afterwards
         res = bench_features(counts, Path(tmp))
     print(f"{'images':>8}  {'H_v':>7}  " + "  ".join(f"{m:>28}" for m in ("in memory", "disk, first time", "disk, warm")))
     print(f"{'':>8}  {'MB':>7}  " + "  ".join(f"{'peak RSS / load / round':>28}" for _ in range(3)))

@@ -1,4 +1,5 @@
 """The backbone's save/load round trip, the client and server steps, and a small end-to-end run."""
+import hashlib
 import json
 
 import pytest
@@ -11,6 +12,25 @@ import data
 import features
 import pilot
 import run
+
+
+def test_the_shipped_tiny_backbone_is_the_recipes_build():
+    # a recipe changed without `python backbone.py --build tiny-backbone` cannot land: the shipped
+    # files name the recipe they were built from, and the weights are the ones recorded at the build
+    meta = json.loads((backbone.TINY_DIR / "pilot_backbone.json").read_text())
+    assert meta["key"] == backbone.tiny_backbone_key()
+    assert meta["recipe"] == json.loads(json.dumps(backbone.tiny_recipe()))
+    weights = (backbone.TINY_DIR / "model.safetensors").read_bytes()
+    assert hashlib.sha256(weights).hexdigest() == meta["model_sha256"]
+    assert backbone.tiny_backbone_dir() == backbone.TINY_DIR
+    bb = backbone.load_backbone("tiny")
+    assert sum(p.numel() for p in bb.model.parameters()) == meta["n_parameters"]
+
+
+def test_a_tiny_backbone_of_another_recipe_is_refused(monkeypatch):
+    monkeypatch.setitem(backbone.PRETRAIN, "vision_steps", 1999)
+    with pytest.raises(ValueError, match=r"rebuild it with 'python backbone.py --build tiny-backbone'"):
+        backbone.load_backbone("tiny")
 
 
 def test_tiny_backbone_round_trips_through_save_pretrained(small_backbone_dir, tmp_path):

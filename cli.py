@@ -42,6 +42,8 @@ def parse_command(argv=None):
                     "its share of the threads (a CPU finishes sooner with 2 one-thread runs than 1 two-thread run)")
     ap.add_argument("--mu", type=float, default=d.mu, help="FedProx's proximal weight μ")
     ap.add_argument("--eval-every-round", action="store_true", help="evaluate every client after every round")
+    ap.add_argument("--test-loss-every-round", action="store_true",
+                    help="every client's test loss (teacher-forced) after every round; a comparison always records it")
     ap.add_argument("--rounds-stage1", type=int, default=None,
                     help="rounds of stage 1, R1 (default: 4 for the tiny backbone, 1 for a checkpoint)")
     ap.add_argument("--rounds-stage2", type=int, default=None,

@@ -34,14 +34,18 @@ def run_comparison(cfg, methods, seeds, jobs=1, log=print, threads=None):
     import run      # run.py imports this module for its summaries
     t0 = time.time()
     out = Path(cfg.out or f"runs/compare-{cfg.scenario}")
-    cfgs = {(m, s): replace(cfg, method=m, seed=s, out=str(out / f"{m}-seed{s}")) for m in methods for s in seeds}
+    # an explicit M is part of the label (pilot-top1), so that runs of several M share one directory
+    label = (lambda m: m) if cfg.top_m is None else (lambda m: f"{m}-top{cfg.top_m}")
+    cfgs = {(m, s): replace(cfg, method=m, seed=s, out=str(out / f"{label(m)}-seed{s}"), test_loss_every_round=True)
+            for m in methods for s in seeds}
     if jobs > 1:
         done = _run_side_by_side(cfgs, jobs, threads, log)
     else:
         done = {key: run.run(c, log=log) for key, c in cfgs.items()}
-    results = {m: [done[m, s] for s in seeds] for m in methods}
+    # the summary covers every run in the directory, these and earlier ones (another M, say)
+    seeds, results = load(out, list(run.METHODS))
     summary = summarise(cfg.scenario, seeds, results)
-    summary["spread_sources"] = spread_sources(out, seeds, methods) if len(seeds) > 1 else None
+    summary["spread_sources"] = spread_sources(out, seeds, results) if len(seeds) > 1 else None
     summary["wall_s"] = round(time.time() - t0, 1)
     write(summary, out, log)
     log(f"wrote {out}/compare.json, compare.md; wall time {summary['wall_s']:.0f} s")
@@ -194,8 +198,11 @@ def summarise(scenario, seeds, results):
             "ata_by_task": [ata_by_task(r) for r in runs] if ata else None,
             # how much of a client's personalised Θ̄^l came from clients of other tasks (ATA's weights)
             "ata_other_task_weight": round(sum(other) / len(other), 3) if other else None,
-            "rounds": [_mean_std([r["rounds"][i]["average"] for r in runs]) | {"round": runs[0]["rounds"][i]["round"]}
-                       for i in range(n_rounds)],
+            "rounds": [{"round": runs[0]["rounds"][i]["round"],
+                        "average": _mean_std([r["rounds"][i]["average"] for r in runs])
+                        if "average" in runs[0]["rounds"][i] else None,
+                        "average_ce": _mean_std([r["rounds"][i]["average_ce"] for r in runs], 4)
+                        if "average_ce" in runs[0]["rounds"][i] else None} for i in range(n_rounds)],
             "bytes_up_per_round": runs[0]["bytes_up"] // max(1, len_rounds(runs[0])),
             "bytes_down_per_round": runs[0]["bytes_down"] // max(1, len_rounds(runs[0])),
             "trainable_params": runs[0]["trainable_params"],
@@ -381,9 +388,9 @@ def plots(summary, out: Path) -> str:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m, v in methods.items():
-        xs = [r["round"] for r in v["rounds"]]
-        ax.errorbar(xs, [r["mean"] for r in v["rounds"]], yerr=[r["std"] for r in v["rounds"]], marker="o",
-                    capsize=2, label=m)
+        rs = [r for r in v["rounds"] if r["average"]]
+        ax.errorbar([r["round"] for r in rs], [r["average"]["mean"] for r in rs], yerr=[r["average"]["std"] for r in rs],
+                    marker="o", capsize=2, label=m)
     ax.set_xticks([r["round"] for r in next(iter(methods.values()))["rounds"]])
     ax.set_xlabel("round")
     ax.set_ylabel("average score over tasks")

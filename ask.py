@@ -23,8 +23,11 @@ import torch
 from safetensors.torch import load_file
 
 import data
+import evaluate
 import features
+import llava
 import run
+from config import Config, final_stage
 
 
 class AskError(ValueError):
@@ -32,13 +35,13 @@ class AskError(ValueError):
 
 
 def load_run(out):
-    """(run.Config, results.json's content) of a finished run in OUT."""
+    """(config.Config, results.json's content) of a finished run in OUT."""
     path = Path(out) / "results.json"
     if not path.is_file():
         raise AskError(f"{out}: no results.json here (not the output directory of a finished run.py run)")
     try:
         res = json.loads(path.read_text())
-        cfg = run.Config(**res["config"])
+        cfg = Config(**res["config"])
         if not all("id" in c and "task" in c for c in res["clients"]):
             raise KeyError("a client row without 'id' or 'task'")
     except (ValueError, KeyError, TypeError) as e:
@@ -70,14 +73,14 @@ class Model:
         self.task, tasks, download, private = load_client(out, cfg, res, client)
         torch.manual_seed(cfg.seed)
         self.bb, _, _ = run.load_model(cfg, log)
-        self.conn = run.client_model(self.bb, self.task, download, private, run.final_stage(cfg), tasks, cfg)
+        self.conn = evaluate.client_model(self.bb, self.task, download, private, final_stage(cfg), tasks, cfg)
 
     def ask(self, samples):
         """Greedy answers to data.Samples (image: a tensor, an image path or a PIL image)."""
         bb = self.bb
         h_v = torch.cat(list(features.encode(bb, samples, bb.model.device)))
-        prompts = [bb.encode(s, self.cfg.max_length)[0] for s in samples]
-        return run.answer(bb, self.conn, self.task, h_v, prompts, self.cfg)
+        prompts = [bb.encode(s, self.cfg.max_length)[0][0] for s in samples]
+        return evaluate.answer(bb, self.conn, self.task, h_v, prompts, self.cfg)
 
 
 def main(argv=None):
@@ -94,17 +97,17 @@ def main(argv=None):
     try:
         model = Model(a.out, a.client)
         if a.image:
-            sample = data.Sample(data.open_image(a.image), a.question, "", model.task, id=a.image)
+            sample = data.Sample(llava.open_image(a.image), a.question, "", model.task, id=a.image)
             print(model.ask([sample])[0])
             return
         src = Path(a.data)
-        samples = data.load_llava_records(src, Path(a.image_folder or src.parent), model.task)
+        samples = llava.load_llava_records(src, Path(a.image_folder or src.parent), model.task, split="test")
         preds = model.ask(samples)
         dest = src.with_name(f"{src.stem}.client{a.client}.answers.jsonl")
         dest.write_text("".join(json.dumps({"id": s.id, "question": s.question, "answer": s.answer, "prediction": p})
                                 + "\n" for s, p in zip(samples, preds)))
         print(f"wrote {len(preds)} answers to {dest}")
-    except (AskError, data.DataError) as e:
+    except (AskError, llava.DataError) as e:
         print(f"ask.py: error: {e}", file=sys.stderr)
         raise SystemExit(2)
 

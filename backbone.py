@@ -30,18 +30,17 @@ from pathlib import Path
 import torch
 
 import data
+import llava
 import pilot
 
 TINY = dict(  # the embedded backbone; about 0.6M parameters
     image_size=data.IMAGE_SIZE, patch_size=8, vision_hidden=64, vision_layers=3, vision_heads=4,
     text_hidden=128, text_layers=2, text_heads=4, text_intermediate=256, max_positions=160)
-# The recipe (README, "The embedded backbone"; RESULTS.md for why each part):
-# vision_steps: steps of dense vision pretraining first (pretrain_vision), on every colour and shape;
-# colours, shapes: the only ones the alignment corpus then draws and names, so that the other two
-# colours and two shapes are learnt from the clients' data; name_boxes: the alignment names each
-# object's box, not its centre. Variants set or add keys (text_share=p, text_px=(lo, hi): how many of
-# the alignment's images carry a number, and how large; data.pretraining_corpus); any change of
-# PRETRAIN changes the cache key.
+# The recipe (RESULTS.md, "How the benchmark was calibrated", says why each part): vision_steps of
+# dense vision pretraining first (pretrain_vision), on every colour and shape; then the alignment on
+# data.pretraining_corpus, which draws and names only these colours and shapes, so that the other two
+# colours and two shapes are learnt from the clients' data, and names each object's box (name_boxes).
+# Any change here changes tiny_backbone_key, and the shipped files must be rebuilt.
 PRETRAIN = dict(n_samples=8000, epochs=4, batch_size=32, lr=1e-3, warmup=50, seed=0,
                 vision_steps=2000, colours=("red", "green", "blue"), shapes=("circle", "square"), name_boxes=True)
 TINY_PROMPT = "USER: <image> {question} ASSISTANT:"
@@ -185,7 +184,7 @@ def pretrain_vision(model, corpus, pixels, log=print):
     alignment, the vision tower alone learns, patch by patch, what is drawn there (object colour,
     shape, size, centre and extent; digits), read by a linear head from the layer LLaVA uses. At
     32x32 pixels the alignment alone leaves the shape of a small object unreadable in H_v
-    (backbone.probe_features); a dense objective is the cheap way to put it there (the vision tower
+    (RESULTS.md, the calibration); a dense objective is the cheap way to put it there (the vision tower
     is a small part of the model's compute). The head is thrown away."""
     p = PRETRAIN
     tower = model.model.vision_tower
@@ -221,27 +220,14 @@ def pretrain_vision(model, corpus, pixels, log=print):
             log(f"vision pretraining step {step}: loss {loss.item():.3f}")
 
 
-def aligned_names():
-    """The colours and shapes the alignment corpus draws and names (PRETRAIN's restriction, if any)."""
-    return {k: PRETRAIN[k] for k in ("colours", "shapes") if k in PRETRAIN}
-
-
-def corpus_variant():
-    """PRETRAIN's other variants of the alignment corpus, as data.pretraining_corpus arguments."""
-    names = {"name_boxes": "boxes", "text_share": "text_share", "text_px": "text_px"}
-    return {arg: PRETRAIN[k] for k, arg in names.items() if k in PRETRAIN}
-
-
 def pretrain(bb, log=print):
     """Full-parameter training of the tiny LLaVA on the neutral describe-the-objects corpus."""
     p = PRETRAIN
-    named, variant = aligned_names(), corpus_variant()
-    corpus = data.pretraining_corpus(p["n_samples"], p["seed"], **named, **variant)
+    corpus = data.pretraining_corpus(p["n_samples"], p["seed"], p["colours"], p["shapes"])
     pixels = bb.pixels([s.image for s in corpus])
-    if p.get("vision_steps"):   # on every colour and shape, whatever the alignment below names
-        seen = data.pretraining_corpus(p["n_samples"], p["seed"], **variant) if named else corpus
-        pretrain_vision(bb.model, seen, bb.pixels([s.image for s in seen]) if named else pixels, log)
-    items = [bb.encode(s)[:2] for s in corpus]
+    seen = data.pretraining_corpus(p["n_samples"], p["seed"])   # the vision tower sees every colour and shape
+    pretrain_vision(bb.model, seen, bb.pixels([s.image for s in seen]), log)
+    items = [bb.encode(s)[0] for s in corpus]
     model = bb.model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=0.0, foreach=True)
     steps = p["epochs"] * math.ceil(len(corpus) / p["batch_size"])
@@ -301,36 +287,54 @@ class Backbone:
         if all(isinstance(im, torch.Tensor) for im in images):
             out = self.image_processor(images=list(images), return_tensors="pt", do_rescale=False)
         else:
-            out = self.image_processor(images=[data.open_image(im) if isinstance(im, (str, Path)) else im
+            out = self.image_processor(images=[llava.open_image(im) if isinstance(im, (str, Path)) else im
                                                for im in images], return_tensors="pt")
         return out["pixel_values"]
 
     def encode(self, sample, max_length=None):
-        """(prompt ids with the image placeholder expanded, answer ids ending in EOS, truncated).
-        Past max_length the instruction is cut, never the answer, the image tokens or the template."""
+        """(segments, truncated): the sample as token ids in alternating segments, prompt, answer,
+        prompt, answer, ... (one pair per turn; answers end in EOS), and whether it was shortened to
+        max_length. The first prompt holds BOS, the template and the image placeholder expanded to
+        the image tokens; a later turn's prompt is the template's user and assistant parts around its
+        question, without the image (LLaVA-1.5's conversation format: every answer closed by EOS, the
+        next turn after it). Past max_length, later turns are dropped whole, then the first question
+        is cut: never an answer, the image tokens or the template."""
         pre, rest = self.prompt.split("<image>")
         mid, post = rest.split("{question}")
         tok = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"] if s.strip() else []
         head = [self.tokenizer.bos_token_id] + tok(pre) + [self.model.config.image_token_id] * self.n_image_tokens
         question, tail = tok(mid + sample.question), tok(post)
-        answer = tok(sample.answer) + [self.tokenizer.eos_token_id]
-        room = (max_length or 1 << 30) - len(head) - len(tail) - len(answer)
+        answer = lambda a: tok(a) + [self.tokenizer.eos_token_id]
+        first = answer(sample.answer)
+        room = (max_length or 1 << 30) - len(head) - len(tail) - len(first)
         if room < 0:
-            raise ValueError(f"sample {sample.id!r}: its answer ({len(answer)} tokens) with the image and the "
+            raise ValueError(f"sample {sample.id!r}: its answer ({len(first)} tokens) with the image and the "
                              f"template ({len(head) + len(tail)} tokens) exceeds the maximum length {max_length}")
-        return head + question[:room] + tail, answer, len(question) > room
+        segments, used = [head + question[:room] + tail, first], len(head) + len(question[:room]) + len(tail) + len(first)
+        for q, a in sample.more:
+            turn = [tok(pre) + tok(q) + tail, answer(a)]
+            if used + len(turn[0]) + len(turn[1]) > (max_length or 1 << 30):
+                return segments, True
+            segments += turn
+            used += len(turn[0]) + len(turn[1])
+        return segments, len(question) > room
 
 
 def collate(items, pad_id):
-    """Right-padded training batch: (input_ids, attention_mask, labels), labels -100 on the prompt."""
-    n = max(len(p) + len(a) for p, a in items)
+    """Right-padded training batch: (input_ids, attention_mask, labels). Each item is its segments
+    (prompt, answer, prompt, answer, ...): labels hold the answers' tokens, -100 everywhere else."""
+    n = max(sum(len(seg) for seg in item) for item in items)
     ids = torch.full((len(items), n), pad_id, dtype=torch.long)
     labels = torch.full((len(items), n), -100, dtype=torch.long)
     mask = torch.zeros((len(items), n), dtype=torch.long)
-    for i, (p, a) in enumerate(items):
-        ids[i, :len(p) + len(a)] = torch.tensor(p + a)
-        labels[i, len(p):len(p) + len(a)] = torch.tensor(a)
-        mask[i, :len(p) + len(a)] = 1
+    for i, item in enumerate(items):
+        at = 0
+        for j, seg in enumerate(item):
+            ids[i, at:at + len(seg)] = torch.tensor(seg, dtype=torch.long)
+            if j % 2:
+                labels[i, at:at + len(seg)] = ids[i, at:at + len(seg)]
+            at += len(seg)
+        mask[i, :at] = 1
     return ids, mask, labels
 
 
@@ -379,115 +383,6 @@ def load_backbone(name="tiny", device="cpu", dtype=torch.float32, log=print) -> 
     return Backbone(model, tokenizer, processor, str(name), prompt)
 
 
-def _describe(bb, samples, max_new_tokens):
-    """The backbone's own greedy answers to samples of its corpus."""
-    x_img = bb.model.model.multi_modal_projector(pilot.image_features(bb.model, bb.pixels([s.image for s in samples])))
-    ids, mask = collate_prompts([bb.encode(s)[0] for s in samples], bb.tokenizer.pad_token_id)
-    out = pilot.generate(bb.model, x_img, ids, mask, max_new_tokens, bb.tokenizer.eos_token_id, bb.tokenizer.pad_token_id)
-    return [p.strip() for p in bb.tokenizer.batch_decode(out, skip_special_tokens=True)]
-
-
-def _named_centre(text):
-    """'0.25, 0.30' (a centre) or '[x1, y1, x2, y2]' (a box) -> the centre [x, y] it names."""
-    box = data.parse_box(text)
-    return [(box[0] + box[2]) / 2, (box[1] + box[3]) / 2] if box else [float(v) for v in text.split(", ")[:2]]
-
-
-@torch.no_grad()
-def probe(bb, n=3000, seed=7):
-    """What the pretrained backbone itself can do, on held-out neutral images of its own corpus
-    ("describe the objects."). On one-object images: the fraction whose object words (size, colour,
-    shape) it gets right, and the L1 error of the centre it names (a named box's middle), beside the
-    error of always naming the image centre; the federated tasks rely on both (grounding on the
-    location). On images that carry a number: the fraction whose number it reads right (text reading
-    relies on it). Only the colours and shapes its alignment named are drawn: words it was never
-    taught say nothing about its vision."""
-    corpus = data.pretraining_corpus(n, seed, **aligned_names(), **corpus_variant())
-    one = [s for s in corpus if s.question == "describe the objects." and " ; " not in s.answer and not s.extra["text"]]
-    words, err, guess = 0, [], []
-    for s, p in zip(one, _describe(bb, one, 30)):
-        want, got = s.answer.split(" at "), p.split(" ; ")[0].split(" at ")
-        words += want[0] == got[0]
-        a = _named_centre(want[1])
-        try:
-            b = _named_centre(got[1])
-        except (IndexError, ValueError):
-            b = [0.5, 0.5]          # no readable location: counted as naming the image centre
-        err.append(abs(a[0] - b[0]) + abs(a[1] - b[1]))
-        guess.append(abs(a[0] - 0.5) + abs(a[1] - 0.5))
-    texts = [s for s in corpus if s.extra["text"]][:300]
-    read = sum(f"text {s.extra['text'][0]} at" in p for s, p in zip(texts, _describe(bb, texts, 100)))
-    return {"images": len(one), "object_words_right": words / len(one), "centre_l1_error": sum(err) / len(err),
-            "centre_l1_error_guessing_the_middle": sum(guess) / len(guess),
-            "images_with_a_number": len(texts), "numbers_read_right": read / max(1, len(texts))}
-
-
-def _fit_probe(x, y, classes=0, epochs=60, seed=0):
-    """A probe trained on the first 3/4 of (x, y), scored on the rest: ridge regression (classes 0,
-    returns the held-out predictions) or a one-hidden-layer MLP classifier (returns held-out
-    accuracy). Features are standardised with the training part's statistics."""
-    n = len(x) * 3 // 4
-    x = x.flatten(1)
-    x = (x - x[:n].mean(0)) / (x[:n].std(0) + 1e-6)
-    if not classes:
-        a = torch.cat([x, torch.ones(len(x), 1)], 1)
-        w = torch.linalg.solve(a[:n].T @ a[:n] + 10.0 * torch.eye(a.shape[1]), a[:n].T @ y[:n])
-        return a[n:] @ w
-    torch.manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 256), torch.nn.GELU(), torch.nn.Linear(256, classes))
-    opt = torch.optim.AdamW(net.parameters(), 1e-3, weight_decay=0.01)
-    for _ in range(epochs):
-        for idx in torch.randperm(n).split(128):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
-            opt.step()
-    with torch.no_grad():
-        return float((net(x[n:]).argmax(1) == y[n:]).float().mean())
-
-
-def probe_features(bb, n=4000, seed=5):
-    """What the frozen H_v of images in a client's domain carry, read by probes trained on them
-    (3/4 train, 1/4 held out), independent of the connector, the LLM and their tuning:
-    - one digit of the benchmark's text-reading glyph size (3x5 font, 1.5 px a dot): its identity
-      by an MLP probe, the digit drawn at one fixed place, or anywhere as in the benchmark (chance 0.10);
-    - one object: its box by a linear probe, scored as grounding is (IoU >= 0.5), with exact
-      coordinates and snapped outward to a 4 x 4 grid (the vision tower's patch grid), beside the
-      share a constant box scores; its colour, shape and size by MLP probes (chance 0.2, 0.25, 0.5).
-    A probe reads what a connector and LLM could at best learn to."""
-    g = torch.Generator().manual_seed(seed)
-    domain = data.client_domain(g)
-    feats = lambda imgs: torch.cat([pilot.image_features(bb.model, bb.pixels(imgs[i:i + 256]))
-                                    for i in range(0, len(imgs), 256)])
-    out = {"images_per_probe": n}
-    for where in ("fixed", "anywhere"):
-        imgs, ys = [], []
-        for _ in range(n):
-            digit, px = data._randint(g, 0, 9), 1.5
-            x0, y0 = (12.0, 12.0) if where == "fixed" else (
-                float(torch.rand(1, generator=g)) * (data.IMAGE_SIZE - 3 * px),
-                float(torch.rand(1, generator=g)) * (data.IMAGE_SIZE - 5 * px))
-            imgs.append(data.render(g, domain, [], (str(digit), data._choice(g, list(data.COLOURS)), x0, y0, px)))
-            ys.append(digit)
-        with torch.no_grad():
-            h = feats(imgs)
-        out[f"digit_accuracy_{where}"] = round(_fit_probe(h, torch.tensor(ys), classes=10), 3)
-    objs = [data.random_scene(g, domain, 1)[0] for _ in range(n)]
-    with torch.no_grad():
-        h = feats([data.render(g, domain, [o]) for o in objs])
-    boxes = torch.tensor([o.box for o in objs])
-    snap = lambda b: torch.tensor([data.grid_box(x, 4) for x in b.tolist()])
-    iou50 = lambda p, t: sum(data.iou(a, b) >= 0.5 for a, b in zip(p.tolist(), t.tolist())) / len(t)
-    for name, target, fmt in (("exact", boxes, lambda b: b), ("grid4", snap(boxes), lambda b: (b * 4).round() / 4)):
-        pred, truth = fmt(_fit_probe(h, target)), target[len(target) * 3 // 4:]
-        mean_box = fmt(target[:len(target) * 3 // 4].mean(0, keepdim=True)).expand_as(truth)
-        out[f"box_iou50_{name}"] = round(iou50(pred, truth), 3)
-        out[f"box_iou50_{name}_constant_box"] = round(iou50(mean_box, truth), 3)
-    for name, values in (("colour", list(data.COLOURS)), ("shape", list(data.SHAPES)), ("size", list(data.SIZES))):
-        y = torch.tensor([values.index(getattr(o, name)) for o in objs])
-        out[f"object_{name}_accuracy"] = round(_fit_probe(h, y, classes=len(values)), 3)
-    return out
-
-
 if __name__ == "__main__":
     import argparse
     from transformers.utils import logging as hf_logging
@@ -495,12 +390,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Check the shipped tiny backbone against its recipe, or rebuild it.")
     ap.add_argument("--build", metavar="DIR", help="build the tiny backbone from its recipe into DIR "
                     f"(the shipped one: {TINY_DIR.name})")
-    ap.add_argument("--probe", action="store_true", help="also measure what it describes, locates and reads (probe())")
-    ap.add_argument("--probe-features", action="store_true", help="also measure what its frozen image features carry (probe_features())")
     args = ap.parse_args()
     path = build_tiny(args.build) if args.build else tiny_backbone_dir()
     print(f"{path}: the tiny backbone {tiny_backbone_key()}")
-    if args.probe:
-        print(json.dumps(probe(load_backbone(str(path), log=lambda *a: None)), indent=1))
-    if args.probe_features:
-        print(json.dumps(probe_features(load_backbone(str(path), log=lambda *a: None)), indent=1))

@@ -100,19 +100,21 @@ def bench_step(repeats, steps=8):
     import backbone
     import data
     import features
-    import run
+    import server
+    from client import client_round
+    from config import Config
     bb = backbone.load_backbone("tiny", log=lambda *a: None)
     pilot.install_lora(bb.model.model.language_model, 8, 16, seed=0)
     c = data.make_scenario("A", 0, [2], n_train=8 * steps, n_test=1)[0]
     ct = features.prepare_client(bb, c, "cpu")
     tasks = ["caption", "vqa", "grounding"]
     start = {k: v.detach().clone() for k, v in pilot.lora_state(bb.model).items()}
-    down = run.server_round([{**start, **{f"task_adapter.{k}": v for k, v in pilot.projector_state(bb.model).items()}}] * 3,
+    down = server.server_round([{**start, **{f"task_adapter.{k}": v for k, v in pilot.projector_state(bb.model).items()}}] * 3,
                             tasks, [1, 1, 1], 2)[0]
     out = {}
     for name, method, stage in (("fedavg", "fedavg", 1), ("stage1", "pilot", 1), ("stage2", "pilot", 2)):
-        cfg = run.Config(method=method, batch_size=8, local_steps=steps)
-        fn = lambda: run.client_round(bb, ct, down, {}, stage, tasks, cfg, 0, log_bar=False)
+        cfg = Config(method=method, batch_size=8, local_steps=steps)
+        fn = lambda: client_round(bb, ct, down, {}, stage, tasks, cfg, 0, log_bar=False)
         out[name + "_rss_mb"] = peak_rss_mb(fn)
         out[name] = timeit(fn, repeats) / steps
     return {"fedavg_s": out["fedavg"], "stage1_s": out["stage1"], "stage2_s": out["stage2"],
@@ -190,7 +192,8 @@ def gpu_step_7b(stage, batch=16, text_tokens=64, steps=3, method="pilot"):
     weights, fp32 LoRA r 64 and connector, gradient checkpointing."""
     from transformers import LlavaForConditionalGeneration
     import features
-    import run
+    from client import client_round
+    from config import Config
     torch.cuda.reset_peak_memory_stats()
     cfg = llava7b_config()
     with torch.device("cuda"):
@@ -208,12 +211,12 @@ def gpu_step_7b(stage, batch=16, text_tokens=64, steps=3, method="pilot"):
     proj = pilot.projector_state(model)
     base = {f"global_task_adapter.{t}.{k}": v for t in tasks for k, v in proj.items()}
     down = {**base, **{k: v.detach().clone() for k, v in pilot.lora_state(model).items()}}
-    rcfg = run.Config(method=method, batch_size=batch, lora_r=64, lora_alpha=128, local_steps=0)  # an epoch
-    run.client_round(bb, SimpleNamespace(**{**ct.__dict__, "items_train": items[:batch], "h_train": ct.h_train[:batch]}),
+    rcfg = Config(method=method, batch_size=batch, lora_r=64, lora_alpha=128, local_steps=0)  # an epoch
+    client_round(bb, SimpleNamespace(**{**ct.__dict__, "items_train": items[:batch], "h_train": ct.h_train[:batch]}),
                      down, {}, stage, tasks, rcfg, 0, log_bar=False)      # warm-up
     torch.cuda.synchronize()
     t = time.perf_counter()
-    run.client_round(bb, ct, down, {}, stage, tasks, rcfg, 0, log_bar=False)
+    client_round(bb, ct, down, {}, stage, tasks, rcfg, 0, log_bar=False)
     torch.cuda.synchronize()
     step_s = (time.perf_counter() - t) / steps
     tokens = batch * n_tok
@@ -232,6 +235,7 @@ def write_client(root: Path, n_train, n_test=50, seed=0):
     """One VQA client of n_train + n_test synthetic images in the LLaVA format, written image by
     image (nothing holds them all); returns its manifest."""
     import data
+    import llava
     g = torch.Generator().manual_seed(seed)
     domain = data.client_domain(g)
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -240,7 +244,7 @@ def write_client(root: Path, n_train, n_test=50, seed=0):
         for i in range(n):
             s = data.make_sample(g, "vqa", domain)
             s.id = f"{split}{i}"
-            records.append(data.llava_record(s, root / "images", f"{s.id}.png"))
+            records.append(llava.llava_record(s, root / "images", f"{s.id}.png"))
         (root / f"{split}.json").write_text(json.dumps(records))
     manifest = root / "manifest.json"
     manifest.write_text(json.dumps({"name": f"bench-{n_train}", "clients": [
@@ -256,15 +260,17 @@ def _client_round_in_child(manifest, mode):
     import features
     import report
     import run
+    from client import client_round
+    from config import Config
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     torch.set_num_threads(1)     # the same work whatever the machine's core count
-    cfg = run.Config(data=str(manifest), features=mode, rounds_stage1=1, rounds_stage2=0)
+    cfg = Config(data=str(manifest), features=mode, rounds_stage1=1, rounds_stage2=0)
     t0 = time.perf_counter()
     bb, theta0, _ = run.load_model(cfg, log=lambda *a: None)
     ct = features.prepare_client(bb, run.load_clients(cfg)[1][0], "cpu", mode=mode, log=lambda *a: None)
     t1 = time.perf_counter()
-    run.client_round(bb, ct, dict(theta0), {}, 1, ["vqa"], cfg, 0)
+    client_round(bb, ct, dict(theta0), {}, 1, ["vqa"], cfg, 0)
     return t1 - t0, time.perf_counter() - t1, report.resident_mb("VmHWM:")
 
 

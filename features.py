@@ -27,6 +27,7 @@ import torch
 import backbone as bbmod
 import checkpoint
 import data
+import llava
 import pilot
 
 CHUNK = 64              # images encoded at once
@@ -35,24 +36,24 @@ _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
 class Tokens(Sequence):
-    """A client's encoded text: item i is (prompt ids, answer ids), as lists. The ids of all items
-    live in one flat int32 array with the boundaries beside it, about 140 bytes a sample where
-    Python lists of ints take about 450, so that the text, not only H_v, stays small for a
-    client of 100,000 samples."""
+    """A client's encoded text: item i is its segments (prompt ids, answer ids, ...: one pair per
+    turn; backbone.encode), as a tuple of lists. The ids of all items live in one flat int32 array
+    with the segment boundaries beside it, about 140 bytes a sample where Python lists of ints take
+    about 450, so that the text, not only H_v, stays small for a client of 100,000 samples."""
 
-    def __init__(self, pairs=()):
-        self.ids, self.ends = array("i"), array("q", [0])   # ends: prompt end, answer end, per item
-        for p, a in pairs:
-            self.append(p, a)
+    def __init__(self, items=()):
+        self.ids, self.ends, self.first = array("i"), array("q", [0]), array("q", [0])   # first: an item's first segment
+        for segments in items:
+            self.append(*segments)
 
-    def append(self, prompt, answer):
-        self.ids.extend(prompt)
-        self.ends.append(len(self.ids))
-        self.ids.extend(answer)
-        self.ends.append(len(self.ids))
+    def append(self, *segments):
+        for seg in segments:
+            self.ids.extend(seg)
+            self.ends.append(len(self.ids))
+        self.first.append(len(self.ends) - 1)
 
     def __len__(self):
-        return len(self.ends) // 2
+        return len(self.first) - 1
 
     def __getitem__(self, i):
         if isinstance(i, slice):
@@ -60,8 +61,8 @@ class Tokens(Sequence):
         if not -len(self) <= i < len(self):
             raise IndexError(f"item {i} of {len(self)}")
         i %= len(self)
-        s, m, e = self.ends[2 * i], self.ends[2 * i + 1], self.ends[2 * i + 2]
-        return self.ids[s:m].tolist(), self.ids[m:e].tolist()
+        bounds = self.ends[self.first[i]:self.first[i + 1] + 1]
+        return tuple(self.ids[s:e].tolist() for s, e in zip(bounds[:-1], bounds[1:]))
 
 
 @dataclass
@@ -72,9 +73,9 @@ class ClientTensors:
     id: int
     task: str
     h_train: torch.Tensor
-    items_train: Sequence
+    items_train: Sequence     # each sample's segments (prompt ids, answer ids, ...): Tokens
     h_test: torch.Tensor
-    items_test: Sequence      # (prompt ids, answer ids), for the teacher-forced test loss
+    items_test: Sequence      # (prompt ids, answer ids), for the generated answers and the teacher-forced test loss
     test: list = field(repr=False)    # the test samples, whose answers score the predictions
 
 
@@ -87,12 +88,12 @@ def prepare_client(bb, c: data.ClientData, device, max_length=None, log=print, m
     train, test, cut = Tokens(), Tokens(), 0
     for items, samples in ((train, c.train), (test, c.test)):
         for s in samples:
-            p, a, truncated = bb.encode(s, max_length)
-            items.append(p, a)
+            segments, truncated = bb.encode(s, max_length)
+            items.append(*segments)
             cut += truncated
     if cut:
-        log(f"warning: {where}: {cut} of {len(train) + len(test)} samples longer than "
-            f"{max_length} tokens had their instruction truncated (answers are kept whole)")
+        log(f"warning: {where}: {cut} of {len(train) + len(test)} samples longer than {max_length} tokens lost "
+            f"instruction words or later turns (answers are kept whole or dropped with their turn)")
     mb = (len(c.train) + len(c.test)) * bb.n_image_tokens * bb.dims[0] * bb.model.dtype.itemsize / 2**20
     if mode == "disk" or mode == "auto" and mb > max_mb:
         h_train, h_test = cached(bb, c, device, log)
@@ -105,7 +106,7 @@ def encode(bb, samples, device, where=""):
     """H_v of samples' images (tensors, PIL images or image files), CHUNK at a time (a generator:
     nothing holds them all). where: who holds them, for the error of an unreadable file."""
     for i in range(0, len(samples), CHUNK):
-        images = [data.open_image(s.image, f"{where}, record {s.id}" if where else f"record {s.id}")
+        images = [llava.open_image(s.image, f"{where}, record {s.id}" if where else f"record {s.id}")
                   if isinstance(s.image, (str, Path)) else s.image for s in samples[i:i + CHUNK]]
         yield pilot.image_features(bb.model, bb.pixels(images).to(device))
 
@@ -127,7 +128,7 @@ def cache_key(bb, c: data.ClientData, device, where) -> str:
                 try:
                     h.update(Path(s.image).read_bytes())
                 except OSError as e:
-                    raise data.DataError(f"{where}, record {s.id}: cannot read image {s.image}: {e.strerror}") from None
+                    raise llava.DataError(f"{where}, record {s.id}: cannot read image {s.image}: {e.strerror}") from None
     return h.hexdigest()
 
 

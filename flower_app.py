@@ -10,7 +10,8 @@ README.md, "Running across machines", has the whole recipe (TLS, SuperNode keys,
 resume, loopback, the CLI's config.toml).
 
 Who holds what:
-    server (ServerApp)  Θ^l_0, every client's current download, the aggregation (run.server_step),
+    server (ServerApp)  Θ^l_0, every client's current download, the loop (run.federate, the same
+                        as run.py's: rounds, server.server_step, checkpoint and resume, results),
                         the roster: which clients the run has, their tasks and sample counts (from
                         the scenario or the manifest, never from a node) and, with a roster file,
                         which SuperNode key may serve each; a checkpoint in OUT after every round
@@ -28,7 +29,7 @@ import hashlib
 import json
 import secrets
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import fields, replace
 from logging import INFO
 from pathlib import Path
 
@@ -40,12 +41,14 @@ from flwr.serverapp import Grid, ServerApp
 
 import backbone
 import checkpoint
-import cli
 import data
-import faults
+import evaluate as evaluation
 import features
+import llava
 import report
 import run
+from client import client_step
+from config import Config, check_config, fault_for, parse_faults, recipe_line, with_defaults
 
 NODE_WAIT_S = 300        # how long the server waits for every client's SuperNode to be admitted
 QUERY_TIMEOUT_S = 120    # how long a node may take to say which client it holds
@@ -57,14 +60,14 @@ def log(msg):
 
 # ----------------------------------------------------------------------------- configuration
 # [tool.flwr.app.config] uses run.py's flag names; TOML has no None, so 0 / "" stand for "default".
-OPTIONAL = {"clients", "n_train", "n_test", "lora_r", "lora_alpha", "top_m"}
+OPTIONAL = {"clients", "n_train", "n_test", "lora_r", "lora_alpha", "top_m", "batch_size", "dtype"}
 PRESET = {"rounds_stage1", "rounds_stage2", "local_steps"}     # -1: the backbone's preset (0 is a real value)
-SERVER_ONLY = {"roster"}   # keys of the Flower deployment itself, not of run.Config
+SERVER_ONLY = {"roster"}   # keys of the Flower deployment itself, not of config.Config
 
 
-def config_from(run_config) -> run.Config:
-    """run.Config from Flower's run config (keys as run.py's flags: 'rounds-stage1', 'top-m', ...)."""
-    known = {f.name for f in fields(run.Config)}
+def config_from(run_config) -> Config:
+    """config.Config from Flower's run config (keys as run.py's flags: 'rounds-stage1', 'top-m', ...)."""
+    known = {f.name for f in fields(Config)}
     kw = {}
     for key, value in run_config.items():
         name = key.replace("-", "_")
@@ -77,8 +80,10 @@ def config_from(run_config) -> run.Config:
         elif name == "clients":
             value = [int(x) for x in str(value).split(",")]
         kw[name] = value
-    cfg = run.Config(**kw)
-    cli.check_config(cfg)
+    cfg = Config(**kw)
+    check_config(cfg)
+    if cfg.eval_every_round or cfg.test_loss_every_round:
+        raise ValueError("eval-every-round, test-loss-every-round: run.py only (a Flower run evaluates once, at the end)")
     return cfg
 
 
@@ -126,7 +131,7 @@ def _state_file(context: Context, cid, token) -> Path:
 def _private_before(path: Path, r, accepted) -> tuple:
     """(ψ_s, ψ^c, φ as client enters round r, the round they come from). The state the client's
     round r − 1 produced waits in 'pending' until the server's verdict on that round's upload
-    (accepted): kept if so, dropped if not (run.settle_private, as in run.py). A pending state of
+    (accepted): kept if so, dropped if not (client.settle_private, as in run.py). A pending state of
     any other round is dropped: it comes from a round the server is repeating after a restart."""
     if not path.exists():
         return {}, -1
@@ -156,9 +161,9 @@ def train(msg: Message, context: Context):
     path = _state_file(context, ct.id, str(conf["run"]))
     private, p_round = _private_before(path, r, bool(conf["accepted"]))
     download = dict(msg.content["download"].to_torch_state_dict())
-    fault = faults.fault_for(faults.parse_faults(cfg.faults), int(conf["k"]), r)  # keyed like run.py's
-    up, pending, st = run.client_step(bb, ct, download, private, int(conf["stage"]), list(conf["tasks"]), cfg, r,
-                                      fault, log_bar=False)
+    fault = fault_for(parse_faults(cfg.faults), ct.id, r)    # keyed by client id, as in run.py
+    up, pending, st = client_step(bb, ct, download, private, int(conf["stage"]), list(conf["tasks"]), cfg, r,
+                                  fault, log_bar=False)
     checkpoint.save_state(path, {"private": private, "pending": pending},
                           {"private_round": p_round, "pending_round": r})
     if up is None:
@@ -178,7 +183,7 @@ def evaluate(msg: Message, context: Context):
     private, p_round = _private_before(path, r, bool(conf["accepted"]))
     checkpoint.save_state(path, {"private": private}, {"private_round": p_round, "pending_round": -1})
     download = dict(msg.content["download"].to_torch_state_dict())
-    row = run.evaluate_row(bb, ct, download, private, int(conf["stage"]), list(conf["tasks"]), cfg)
+    row = evaluation.evaluate_client(bb, ct, download, private, int(conf["stage"]), list(conf["tasks"]), cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     report.save_client_state(out, ct.id, download, private)      # the client's own directory
@@ -273,14 +278,65 @@ def admit_nodes(grid: Grid, roster_ids, keys):
     return [node_of[k] for k in roster_ids]
 
 
+class Fleet:
+    """The fleet run.federate drives on Flower: one admitted SuperNode per client of the roster.
+    It trains and evaluates by messages; each client keeps its private state on its own host, so
+    the server checkpoints only whether each client's last upload was accepted (the client settles
+    its pending state by it) and the token that names this run's state files on the nodes."""
+    engine = "flower"
+
+    def __init__(self, grid: Grid, cfg: Config, nodes, ids, tasks_of, n):
+        self.grid, self.cfg, self.nodes, self.ids, self.tasks_of, self.n = grid, cfg, nodes, ids, tasks_of, n
+        self.tasks = sorted(set(tasks_of), key=data.TASKS.index)
+        self.accepted = [True] * len(ids)   # whether each client's last upload was used (its private state follows)
+        self.token = secrets.token_hex(6)    # names the clients' state files of this run (and of its resumptions)
+
+    def state(self):
+        return {}
+
+    def progress(self):
+        return {"accepted": self.accepted, "token": self.token}
+
+    def restore(self, groups, progress):
+        self.accepted, self.token = progress["accepted"], progress["token"]
+
+    def _contents(self, r, stage, downloads):
+        return [RecordDict({"download": ArrayRecord(downloads[k]),
+                            "config": ConfigRecord({"round": r, "stage": stage, "tasks": self.tasks, "run": self.token,
+                                                    "client": self.ids[k], "task": self.tasks_of[k], "n_train": self.n[k],
+                                                    "accepted": self.accepted[k]})})
+                for k in range(len(self.ids))]
+
+    def train(self, r, stage, downloads, uploads, done, commit):
+        log(f"round {r + 1}/{self.cfg.rounds_stage1 + self.cfg.rounds_stage2}: sent to {len(self.ids)} clients")
+        replies = _exchange(self.grid, self.nodes, MessageType.TRAIN, self._contents(r, stage, downloads), str(r + 1))
+        for k, m in enumerate(replies):
+            uploads[k] = dict(m.content["upload"].to_torch_state_dict()) if m else None
+        stats = [dict(m.content["metrics"]) for m in replies if m]
+        note = (f" (slowest client: {max((st['prepare_s'] for st in stats), default=0):.1f} s loading, "
+                f"{max((st['train_s'] for st in stats), default=0):.1f} s training)")
+        return stats, note
+
+    def settle(self, accepted):
+        self.accepted = accepted
+
+    def evaluate(self, downloads, stage, scores=True):
+        rounds = self.cfg.rounds_stage1 + self.cfg.rounds_stage2
+        replies = _exchange(self.grid, self.nodes, MessageType.EVALUATE, self._contents(rounds, stage, downloads),
+                            "evaluate")
+        if not all(replies):
+            raise RuntimeError("a client failed its evaluation; see the log above")
+        return [json.loads(m.content["row"]["json"]) for m in replies]
+
+    def save(self, out, downloads):
+        pass        # each client wrote its own OUT/client_<id>.safetensors when it was evaluated
+
+
 @server_app.main()
 def main(grid: Grid, context: Context):
     t0 = time.time()
-    cfg = run.with_defaults(config_from(context.run_config), log)
-    method = run.METHODS[cfg.method]
-    out = Path(cfg.out or f"runs/flower-{cfg.scenario}-{cfg.method}-seed{cfg.seed}")
-    out.mkdir(parents=True, exist_ok=True)
-    saved = run.resume_from(out, cfg) if cfg.resume else None     # before anything else changes the RNG
+    cfg = with_defaults(config_from(context.run_config), log)
+    out, lock, saved = run.open_out(cfg, f"runs/flower-{cfg.scenario}-{cfg.method}-seed{cfg.seed}")
     torch.manual_seed(cfg.seed)
     _, theta0, expected = run.load_model(cfg, log=lambda *a: None)   # Θ^l_0 and the upload shapes
     if saved:
@@ -288,7 +344,7 @@ def main(grid: Grid, context: Context):
 
     # The roster is the server's: ids, tasks and sample counts from the scenario or the manifest on
     # this host; with a roster file, also the key of the SuperNode that may serve each client.
-    roster = data.roster(cfg.scenario, cfg.data, cfg.clients, cfg.n_train)
+    roster = llava.roster(cfg.scenario, cfg.data, cfg.clients, cfg.n_train)
     ids, tasks_of, n = [k for k, _, _ in roster], [t for _, t, _ in roster], [m for _, _, m in roster]
     keys = read_roster_keys(context.run_config["roster"]) if context.run_config.get("roster") else None
     if keys is None:
@@ -296,68 +352,11 @@ def main(grid: Grid, context: Context):
             "use this on a closed network only")
     elif set(ids) - set(keys):
         raise ValueError(f"roster {context.run_config['roster']}: no key for clients {sorted(set(ids) - set(keys))}")
-    K = len(roster)
-    node_of = admit_nodes(grid, ids, keys)
-    tasks = sorted(set(tasks_of), key=data.TASKS.index)
-    log(f"scenario {cfg.scenario}, method {cfg.method}, seed {cfg.seed}: clients {ids} on nodes {node_of}, "
-        f"tasks {tasks}, train sizes {n}")
-
-    communicates = method.text_agg != "none"
-    rounds = cfg.rounds_stage1 + cfg.rounds_stage2
-    if saved:
-        p = saved[0]["progress"]
-        downloads, r0, accepted, token = saved[1]["downloads"], p["round"], p["accepted"], p["token"]
-        bytes_up, bytes_down, elapsed = p["bytes_up"], p["bytes_down"], p["elapsed"]
-        log(f"resumed from {out}/state.json at round {r0 + 1} of {rounds}")
-    else:
-        downloads = [dict(theta0) for _ in range(K)]
-        bytes_up, bytes_down = 0, sum(report.nbytes(d) for d in downloads) if communicates else 0
-        r0, elapsed = 0, 0.0
-        accepted = [True] * K     # whether each client's last upload was used (its private state follows)
-        token = secrets.token_hex(6)   # names the clients' state files of this run (and of its resumptions)
-
-    def commit(r):
-        progress = {"round": r, "accepted": accepted, "token": token, "bytes_up": bytes_up,
-                    "bytes_down": bytes_down, "elapsed": elapsed + time.time() - t0}
-        checkpoint.save(out, {"config": asdict(cfg), "backbone_recipe": run.backbone_recipe(cfg), "progress": progress,
-                              "engine": "flower"}, {"downloads": downloads})
-
-    def contents(r, stage):
-        return [RecordDict({"download": ArrayRecord(downloads[k]),
-                            "config": ConfigRecord({"round": r, "stage": stage, "tasks": tasks, "k": k, "run": token,
-                                                    "client": ids[k], "task": tasks_of[k], "n_train": n[k],
-                                                    "accepted": accepted[k]})})
-                for k in range(K)]
-
-    if not saved:
-        commit(0)
-    for r in range(r0, rounds):
-        stage, tr = run.stage_of(cfg, r), time.time()
-        log(f"round {r + 1}/{rounds}: sent to {K} clients")
-        replies = _exchange(grid, node_of, MessageType.TRAIN, contents(r, stage), str(r + 1))
-        uploads = [dict(m.content["upload"].to_torch_state_dict()) if m else None for m in replies]
-        downloads, accepted = run.server_step(uploads, downloads, tasks_of, n, expected, cfg, log)
-        ru = sum(report.nbytes(u) for u in uploads if u is not None) if communicates else 0
-        rd = sum(report.nbytes(d) for d in downloads) if communicates else 0
-        bytes_up, bytes_down = bytes_up + ru, bytes_down + rd
-        commit(r + 1)
-        metrics = [m.content["metrics"] for m in replies if m]
-        losses = [m["loss_last"] for m in metrics]
-        log(f"round {r + 1}/{rounds} (stage {stage}): mean last loss {sum(losses) / max(1, len(losses)):.3f}, "
-            f"up {ru / 1e6:.2f} MB, down {rd / 1e6:.2f} MB, {time.time() - tr:.1f} s (slowest client: "
-            f"{max((m['prepare_s'] for m in metrics), default=0):.1f} s loading, "
-            f"{max((m['train_s'] for m in metrics), default=0):.1f} s training)")
-
-    stage = run.final_stage(cfg)
-    replies = _exchange(grid, node_of, MessageType.EVALUATE, contents(rounds, stage), "evaluate")
-    if not all(replies):
-        raise RuntimeError("a client failed its evaluation; see the log above")
-    rows = [json.loads(m.content["row"]["json"]) for m in replies]
-    per_task, average = report.summarise_rows(rows, tasks)
-    per_task_ce, average_ce = report.summarise_rows(rows, tasks, "test_ce", 4)
-    res = {"scenario": cfg.scenario, "seed": cfg.seed, "method": cfg.method, "backbone": cfg.backbone,
-           "engine": "flower", "clients": rows, "per_task": per_task, "average": average,
-           "per_task_ce": per_task_ce, "average_ce": average_ce,
-           "bytes_up": bytes_up, "bytes_down": bytes_down, "wall_s": round(elapsed + time.time() - t0, 1),
-           "rounds": [{"round": rounds, "per_task": per_task, "average": average}], "config": asdict(cfg)}
-    report.write_results(out, res, log)
+    fleet = Fleet(grid, cfg, admit_nodes(grid, ids, keys), ids, tasks_of, n)
+    log(recipe_line(cfg))
+    log(f"scenario {cfg.scenario}, method {cfg.method}, seed {cfg.seed}: clients {ids} on nodes {fleet.nodes}, "
+        f"tasks {fleet.tasks}, train sizes {n}")
+    try:
+        run.federate(cfg, fleet, theta0, expected, out, saved, log, t0)
+    finally:
+        lock.close()

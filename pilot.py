@@ -5,7 +5,7 @@ frozen foreign task adapters ψ^t_i each plus a cross-task adapter ψ^c_i, route
 z losses), and the forward pass that puts a connector between a LLaVA model's frozen vision tower
 and its frozen, LoRA-adapted LLM. Equations and notation follow PILOT_METHOD.md.
 
-Nothing here runs on its own: run.py drives it, tests/ check it.
+Nothing here runs on its own: client.py trains it, evaluate.py scores it, tests/ check it.
 
 State-dict naming (the contract between client, server and checkpoints):
     lora.<module path>.lora_A / .lora_B       Θ^l           uploaded, personalised by ATA
@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# The paper's loss weights, used as defaults only: run.py passes its --lambda-* settings into the connectors.
+# The paper's loss weights, used as defaults only: client.py passes the --lambda-* settings into the connectors.
 LAMBDA_D = 0.1    # λ0, difference loss weight (stage 1)
 LAMBDA_B = 0.1    # λ1, load-balance loss weight (stage 2)
 LAMBDA_Z = 0.01   # λ2, router z-loss weight (stage 2)
@@ -313,21 +313,15 @@ def embed(model, x_img, input_ids):
 
 
 def lm_loss(model, x_img, input_ids, attention_mask, labels, reduction="mean"):
-    """Next-token cross-entropy on answer tokens only (labels -100 elsewhere), the mean over those
-    tokens (reduction="sum": their sum; "sample": each sample's mean over its answer tokens, then
-    the mean over samples, so that a one-word answer weighs as much as a caption). The LM head runs
-    on the answer positions alone: the rest of the vocabulary projection would be thrown away."""
+    """Next-token cross-entropy on answer tokens only (labels -100 elsewhere): the mean over those
+    tokens of the batch (reduction="sum": their sum). The LM head runs on the answer positions
+    alone: the rest of the vocabulary projection would be thrown away."""
     emb = embed(model, x_img, input_ids)
     hidden = model.model.language_model(inputs_embeds=emb, attention_mask=attention_mask).last_hidden_state
     target = labels[:, 1:]
     keep = target != -100
     logits = model.lm_head(hidden[:, :-1][keep])
-    if reduction != "sample":
-        return F.cross_entropy(logits.float(), target[keep], reduction=reduction)
-    ce = F.cross_entropy(logits.float(), target[keep], reduction="none")
-    row = keep.nonzero()[:, 0]      # the sample each answer token belongs to
-    per_sample = torch.zeros(len(target), device=ce.device).index_add(0, row, ce) / keep.sum(1).clamp(min=1)
-    return per_sample[keep.any(1)].mean()
+    return F.cross_entropy(logits.float(), target[keep], reduction=reduction)
 
 
 @torch.no_grad()

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-import data
+import llava
 import run
+from config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,9 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def finished(small_backbone_dir, tmp_path_factory):
     """A small Pilot run (1 + 1 rounds) on a 2-client LLaVA-format manifest of exported PNGs."""
     tmp = tmp_path_factory.mktemp("ask")
-    manifest = data.export_scenario(tmp / "data", "A", 0, limit_clients=[0, 2], n_train=8, n_test=5)
+    manifest = llava.export_scenario(tmp / "data", "A", 0, limit_clients=[0, 2], n_train=8, n_test=5)
     out = tmp / "out"
-    run.run(run.Config(data=str(manifest), rounds_stage1=1, rounds_stage2=1, local_steps=2, batch_size=4, top_m=1,
+    run.run(Config(data=str(manifest), rounds_stage1=1, rounds_stage2=1, local_steps=2, batch_size=4, top_m=1,
                        backbone=str(small_backbone_dir), out=str(out)), log=lambda *a: None)
     return manifest, out
 

@@ -8,7 +8,9 @@ import torch
 import backbone
 import data
 import features
+import llava
 import run
+from config import Config
 
 
 @pytest.fixture
@@ -31,8 +33,8 @@ def test_disk_cache_holds_the_same_features_and_is_read_back_without_encoding(sm
     assert torch.equal(mem.h_train, disk.h_train) and torch.equal(mem.h_test, disk.h_test)
     assert disk.h_train.shape == (70, bb.n_image_tokens, bb.dims[0])
     # the text is what the backbone encodes, sample by sample, in order
-    assert list(mem.items_train) == [tuple(bb.encode(s)[:2]) for s in c.train]
-    assert list(disk.items_test) == [tuple(bb.encode(s)[:2]) for s in c.test]
+    assert list(mem.items_train) == [tuple(bb.encode(s)[0]) for s in c.train]
+    assert list(disk.items_test) == [tuple(bb.encode(s)[0]) for s in c.test]
     # a second preparation reads the file: the vision tower is not run again
     monkeypatch.setattr(features, "encode", lambda *a: pytest.fail("encoded again despite a warm cache"))
     again = features.prepare_client(bb, c, "cpu", mode="disk", log=said.append)
@@ -83,19 +85,19 @@ def test_a_truncated_cache_file_is_recomputed(small_backbone_dir, cache):
 
 def test_a_missing_image_file_is_a_data_error_with_a_warm_cache_too(small_backbone_dir, cache, tmp_path):
     bb = backbone.load_backbone(str(small_backbone_dir))
-    manifest = data.export_scenario(tmp_path / "export", "A", 0, limit_clients=[2], n_train=3, n_test=2)
-    _, (c,) = data.load_manifest(manifest)
+    manifest = llava.export_scenario(tmp_path / "export", "A", 0, limit_clients=[2], n_train=3, n_test=2)
+    _, (c,) = llava.load_manifest(manifest)
     features.prepare_client(bb, c, "cpu", mode="disk")
     os.remove(c.train[1].image)
-    with pytest.raises(data.DataError, match=r"client c2, record c2-1#0: cannot read image .*c2-1.png: No such file"):
+    with pytest.raises(llava.DataError, match=r"client c2, record c2-1: cannot read image .*c2-1.png: No such file"):
         features.prepare_client(bb, c, "cpu", mode="disk")
 
 
 def test_a_run_with_the_disk_cache_equals_one_in_memory(small_backbone_dir, cache, tmp_path):
     settings = dict(clients=[0, 2], n_train=8, n_test=3, batch_size=4, rounds_stage1=1, rounds_stage2=1, top_m=1,
                     backbone=str(small_backbone_dir))
-    mem = run.run(run.Config(out=str(tmp_path / "mem"), features="memory", **settings), log=lambda *a: None)
-    disk = run.run(run.Config(out=str(tmp_path / "disk"), features="disk", **settings), log=lambda *a: None)
+    mem = run.run(Config(out=str(tmp_path / "mem"), features="memory", **settings), log=lambda *a: None)
+    disk = run.run(Config(out=str(tmp_path / "disk"), features="disk", **settings), log=lambda *a: None)
     assert len(list(cache.glob("*.safetensors"))) == 2
     assert disk["clients"] == mem["clients"] and disk["average_ce"] == mem["average_ce"]
     for cid in (0, 2):
@@ -114,5 +116,7 @@ def test_tokens_hold_each_samples_prompt_and_answer_ids_exactly():
     with pytest.raises(IndexError):
         t[-4]
     assert list(features.Tokens()) == []
+    turns = features.Tokens([([1], [2], [3, 4], [5]), ([6], [7])])     # a multi-turn item's four segments
+    assert list(turns) == [([1], [2], [3, 4], [5]), ([6], [7])] and turns[0][2] == [3, 4]
     with pytest.raises(OverflowError):      # an id past int32 is refused, not wrapped
         features.Tokens([([2**31], [2])])

@@ -21,6 +21,7 @@ import torch
 pytest.importorskip("flwr", reason="flwr is not installed (pip install -r requirements-flower.txt)")
 
 import run  # noqa: E402
+from config import Config  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,7 +251,7 @@ def test_flower_run_equals_run_py(flower_run, small_backbone_dir, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        ref = run.run(run.Config(clients=CLIENTS, backbone=str(small_backbone_dir), out=str(ref_out), **SETTINGS),
+        ref = run.run(Config(clients=CLIENTS, backbone=str(small_backbone_dir), out=str(ref_out), **SETTINGS),
                       log=lambda *a: None)
     finally:
         torch.set_num_threads(threads)

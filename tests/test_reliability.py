@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ import aggregate
 import backbone
 import checkpoint
 import run
+import server
+from config import METHODS, Config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = {"lora.a": ((2, 3), torch.float32), "task_adapter.w": ((4,), torch.float32)}
@@ -48,16 +51,17 @@ def test_rejected_client_keeps_its_text_adapter_and_all_rejected_keeps_the_serve
     ups = [{"task_adapter.w": torch.full((2,), float(k)), "lora.a": torch.full((2,), float(k))} for k in range(3)]
     prev = [{"global_task_adapter.vqa.w": torch.full((2,), -1.0), "lora.a": torch.full((2,), -float(k))} for k in range(3)]
     tasks, n = ["vqa", "vqa", "vqa"], [1, 1, 1]
-    out = run.server_round([ups[0], None, ups[2]], tasks, n, 1, run.METHODS["pilot"], previous=prev)
+    out = server.server_round([ups[0], None, ups[2]], tasks, n, 1, METHODS["pilot"], previous=prev)
     assert torch.equal(out[0]["global_task_adapter.vqa.w"], torch.ones(2))       # mean of clients 0 and 2
     assert torch.equal(out[1]["lora.a"], prev[1]["lora.a"])                         # its own Θ^l stays
     assert torch.equal(out[1]["global_task_adapter.vqa.w"], torch.ones(2))       # the global state is new
-    assert run.server_round([None] * 3, tasks, n, 1, run.METHODS["pilot"], previous=prev) == prev
+    assert server.server_round([None] * 3, tasks, n, 1, METHODS["pilot"], previous=prev) == prev
 
 
 def _small_run(out, *extra):
     return [sys.executable, "run.py", "--scenario", "A", "--clients", "0,2,4", "--n-train", "160", "--n-test", "30",
-            "--rounds-stage1", "1", "--rounds-stage2", "1", "--top-m", "1", "--out", str(out), *extra]
+            "--rounds-stage1", "1", "--rounds-stage2", "1", "--local-steps", "20", "--top-m", "1", "--checkpoint", "client",
+            "--out", str(out), *extra]
 
 
 def _env(cache):
@@ -79,7 +83,7 @@ def test_logs_have_one_line_per_client_per_round_and_no_progress_bars(uninterrup
     text = ref.stdout + ref.stderr
     assert "\r" not in text and len(text) < 20_000
     for r in (1, 2):
-        for k, task in enumerate(("caption", "vqa", "grounding")):
+        for k, task in ((0, "caption"), (2, "vqa"), (4, "grounding")):     # named by their ids
             assert sum(f"client {k} ({task}) round {r}: 20 steps, loss " in line for line in text.splitlines()) == 1
 
 
@@ -133,15 +137,16 @@ def test_round_checkpoints_are_written_after_each_aggregation_only(small_backbon
     monkeypatch.setattr(checkpoint, "save", lambda out, meta, groups: (written.append(meta["progress"]), save(out, meta, groups)))
     base = dict(clients=[0, 2], n_train=8, n_test=2, batch_size=4, rounds_stage1=1, rounds_stage2=1, top_m=1,
                 backbone=str(small_backbone_dir))
-    run.run(run.Config(**base, checkpoint="round", out=str(tmp_path / "round")), log=lambda *a: None)
-    assert [(p["round"], p["done"]) for p in written] == [(1, []), (2, [])]
+    run.run(Config(**base, out=str(tmp_path / "round")), log=lambda *a: None)    # the tiny preset's "round"
+    assert [(p["round"], p["done"]) for p in written] == [(0, []), (1, []), (2, [])]
     written.clear()
-    run.run(run.Config(**base, out=str(tmp_path / "client")), log=lambda *a: None)   # a checkpoint's preset
-    assert [(p["round"], p["done"]) for p in written] == [(0, [0]), (0, [0, 1]), (1, []), (1, [0]), (1, [0, 1]), (2, [])]
+    run.run(Config(**base, checkpoint="client", out=str(tmp_path / "client")), log=lambda *a: None)
+    assert [(p["round"], p["done"]) for p in written] == [(0, []), (0, [0]), (0, [0, 1]), (1, []), (1, [0]), (1, [0, 1]),
+                                                          (2, [])]
 
 
 def test_a_rejected_round_rolls_the_clients_private_state_back(small_backbone_dir, tmp_path):
-    """Client 1's upload in round 2 has a NaN and is rejected; the private state (ψ_s) that round
+    """Client 2's upload in round 2 has a NaN and is rejected; the private state (ψ_s) that round
     trained is discarded, so round 3 trains from the state of round 1. That is exactly what a client
     that missed round 2 (crashed, nothing to roll back) does: the two runs must end identically."""
     base = dict(clients=[0, 2, 3], n_train=8, n_test=3, batch_size=4, rounds_stage1=2, rounds_stage2=1, top_m=1,
@@ -150,11 +155,11 @@ def test_a_rejected_round_rolls_the_clients_private_state_back(small_backbone_di
     res = {}
     for fault in ("nan", "drop"):
         logs[fault] = []
-        res[fault] = run.run(run.Config(**base, faults=f"client=1:{fault}@2", out=str(tmp_path / fault)),
+        res[fault] = run.run(Config(**base, faults=f"client=2:{fault}@2", out=str(tmp_path / fault)),
                              log=logs[fault].append)
-    assert any("rejected the upload of client 1: " in line and "non-finite" in line for line in logs["nan"])
+    assert any("rejected the upload of client 2: " in line and "non-finite" in line for line in logs["nan"])
     # round 3 of the NaN run is healthy: trained, finite, accepted
-    line = next(line for line in logs["nan"] if line.strip().startswith("client 1 (vqa) round 3:"))
+    line = next(line for line in logs["nan"] if line.strip().startswith("client 2 (vqa) round 3:"))
     assert "steps, loss" in line and "nan" not in line
     assert sum(line.strip().startswith("rejected") for line in logs["nan"]) == 1
     assert res["nan"]["clients"] == res["drop"]["clients"]
@@ -162,68 +167,65 @@ def test_a_rejected_round_rolls_the_clients_private_state_back(small_backbone_di
         a, b = (load_file(str(tmp_path / f / f"client_{k}.safetensors")) for f in ("nan", "drop"))
         assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a), k
     # and the rollback is what made them equal: round 2's training did change client 1's ψ_s
-    trained = run.run(run.Config(**base, out=str(tmp_path / "clean")), log=lambda *a: None)
+    trained = run.run(Config(**base, out=str(tmp_path / "clean")), log=lambda *a: None)
     clean = load_file(str(tmp_path / "clean" / "client_2.safetensors"))
     mine = load_file(str(tmp_path / "nan" / "client_2.safetensors"))
     assert not torch.equal(clean["private.client_adapter.linear_2.weight"], mine["private.client_adapter.linear_2.weight"])
     assert trained["clients"][1]["id"] == 2
 
 
+def _resumed(out, cfg):
+    """The checkpoint a --resume of cfg in out continues from (run.open_out), or its CheckpointError."""
+    return run.open_out(replace(cfg, out=str(out), resume=True), "")[2]
+
+
 def test_resume_refuses_other_settings_and_corrupted_checkpoints(small_backbone_dir, tmp_path):
     out = tmp_path / "run"
-    cfg = run.Config(clients=[0, 2], n_train=8, n_test=2, batch_size=4, rounds_stage1=1, rounds_stage2=0, top_m=1,
-                     backbone=str(small_backbone_dir), out=str(out))
+    cfg = Config(clients=[0, 2], n_train=8, n_test=2, batch_size=4, rounds_stage1=1, rounds_stage2=0, top_m=1,
+                 backbone=str(small_backbone_dir), out=str(out))
     run.run(cfg, log=lambda *a: None)
     with pytest.raises(checkpoint.CheckpointError, match=r"other settings: method \(saved 'pilot', now 'fedavg'\), seed \(saved 0, now 1\)"):
-        run.run(run.Config(**{**cfg.__dict__, "seed": 1, "method": "fedavg", "resume": True}), log=lambda *a: None)
-    # a checkpoint older than a setting (no 'formats' in its config) is read as having its default
+        run.run(replace(cfg, seed=1, method="fedavg", resume=True), log=lambda *a: None)
+    # a checkpoint older than a setting (no 'warmup_ratio' in its config) is read as having its default
     meta = json.loads((out / "state.json").read_text())
-    del meta["config"]["formats"]
+    del meta["config"]["warmup_ratio"]
     (out / "state.json").write_text(json.dumps(meta))
-    assert run.resume_from(out, cfg)[0]["config"] == meta["config"]
-    with pytest.raises(checkpoint.CheckpointError, match=r"formats \(saved '', now 'box_grid=4'\)"):
-        run.resume_from(out, run.Config(**{**cfg.__dict__, "formats": "box_grid=4"}))
-    # ... except data_seed: a checkpoint without it drew its data with the run's seed
-    del meta["config"]["data_seed"]
-    (out / "state.json").write_text(json.dumps(meta))
-    assert run.resume_from(out, run.Config(**{**cfg.__dict__, "data_seed": None}))
-    with pytest.raises(checkpoint.CheckpointError, match=r"data_seed \(saved None, now 0\)"):
-        run.resume_from(out, cfg)
-    (out / "state.json").write_text(json.dumps(dict(meta, config=dict(meta["config"], data_seed=0))))
-    # 'tiny' after a change of its recipe is another backbone: refused without building either
+    assert _resumed(out, cfg)[0]["config"] == meta["config"]
+    with pytest.raises(checkpoint.CheckpointError, match=r"warmup_ratio \(saved 0.03, now 0.1\)"):
+        _resumed(out, replace(cfg, warmup_ratio=0.1))
+    # 'tiny' after a change of its recipe is another backbone: refused without loading either
     assert meta["backbone_recipe"] is None                              # a checkpoint directory
-    tiny = dict(meta, config=dict(meta["config"], data_seed=0, backbone="tiny"), backbone_recipe="tiny-000000000000")
+    tiny = dict(meta, config=dict(meta["config"], backbone="tiny"), backbone_recipe="tiny-000000000000")
     (out / "state.json").write_text(json.dumps(tiny))
     with pytest.raises(checkpoint.CheckpointError, match=r"the tiny backbone's recipe \(saved 'tiny-000000000000', now 'tiny-"):
-        run.resume_from(out, run.Config(**{**cfg.__dict__, "backbone": "tiny"}))
+        _resumed(out, replace(cfg, backbone="tiny"))
     (out / "state.json").write_text(json.dumps(dict(tiny, backbone_recipe=backbone.tiny_backbone_key())))
-    assert run.resume_from(out, run.Config(**{**cfg.__dict__, "backbone": "tiny"}))
-    (out / "state.json").write_text(json.dumps(dict(meta, config=dict(meta["config"], data_seed=0))))
+    assert _resumed(out, replace(cfg, backbone="tiny"))
+    (out / "state.json").write_text(json.dumps(meta))
     tensors = out / meta["tensors"]
     tensors.write_bytes(tensors.read_bytes()[:-10])                   # truncated
     with pytest.raises(checkpoint.CheckpointError, match="corrupted or truncated"):
-        run.run(run.Config(**{**cfg.__dict__, "resume": True}), log=lambda *a: None)
+        run.run(replace(cfg, resume=True), log=lambda *a: None)
 
 
 def test_faults_nan_and_scale_are_rejected_drop_is_survived(small_backbone_dir, tmp_path):
-    for fault, expect in (("client=1:nan", "rejected the upload of client 1: "), ("client=1:scale=100", "update norm"),
-                          ("client=1:drop", None)):
+    for fault, expect in (("client=2:nan", "rejected the upload of client 2: "), ("client=2:scale=100", "update norm"),
+                          ("client=2:drop", None)):
         logs = []
-        cfg = run.Config(clients=[0, 2, 3], n_train=8, n_test=2, batch_size=4, rounds_stage1=1, rounds_stage2=1,
+        cfg = Config(clients=[0, 2, 3], n_train=8, n_test=2, batch_size=4, rounds_stage1=1, rounds_stage2=1,
                          top_m=1, backbone=str(small_backbone_dir), out=str(tmp_path / fault.replace(":", "_")), faults=fault)
         res = run.run(cfg, log=logs.append)
         assert len(res["clients"]) == 3
         if expect:
             assert any(expect in line for line in logs), logs
     logs = []
-    run.run(run.Config(**{**cfg.__dict__, "faults": "client=1:scale=100", "norm_screen": 0.0,
-                          "out": str(tmp_path / "noscreen")}), log=logs.append)
+    run.run(replace(cfg, faults="client=2:scale=100", norm_screen=0.0, out=str(tmp_path / "noscreen")), log=logs.append)
     assert not any("rejected" in line for line in logs)
 
 
 def test_peak_memory_does_not_grow_with_the_clients_trained(small_backbone_dir, tmp_path):
     logs = []
-    cfg = run.Config(n_train=16, n_test=2, batch_size=8, rounds_stage1=1, rounds_stage2=0,
+    cfg = Config(n_train=16, n_test=2, batch_size=8, rounds_stage1=1, rounds_stage2=0,
                      backbone=str(small_backbone_dir), out=str(tmp_path / "mem"))
     run.run(cfg, log=logs.append)
     peaks = [float(line.split("peak memory ")[1].split(" MB")[0]) for line in logs if "; peak memory " in line]
@@ -231,13 +233,13 @@ def test_peak_memory_does_not_grow_with_the_clients_trained(small_backbone_dir, 
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--scenario", "C"], "argument --scenario: invalid choice"),
-    (["--method", "nope"], "argument --method: invalid choice"),
+    (["--scenario", "C"], "unknown scenario 'C'"),
+    (["--method", "nope"], "unknown method 'nope'"),
     (["--top-m", "6"], "--top-m 6: must be at least 1 and below the number of clients (6)"),
     (["--out", "/nonexistent-parent/x"], "the parent directory /nonexistent-parent does not exist"),
     (["--backbone", "BACKBONE_DIR"], "not a LLaVA checkpoint"),
-    (["--formats", "box_grid=-1"], "format 'box_grid=-1': out of range"),
-    (["--formats", "ocr_font=big"], "unknown format 'ocr_font'"),
+    (["--faults", "client=x:nan"], "--faults 'client=x:nan': expected"),
+    (["--checkpoint", "sometimes"], "--checkpoint sometimes: expected one of client, round"),
     (["--data", "README.md"], "README.md: not valid JSON"),
 ])
 def test_bad_command_lines_fail_in_one_line_with_exit_2(tmp_path, args, message):
@@ -257,4 +259,4 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path):
     with open(out / ".lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(checkpoint.CheckpointError, match="another run is writing there"):
-            run.run(run.Config(clients=[0, 2], n_train=4, n_test=1, top_m=1, out=str(out)), log=lambda *a: None)
+            run.run(Config(clients=[0, 2], n_train=4, n_test=1, top_m=1, out=str(out)), log=lambda *a: None)

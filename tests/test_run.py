@@ -1,4 +1,5 @@
-"""The backbone's save/load round trip, the client and server steps, and a small end-to-end run."""
+"""The shipped backbone, the client and server steps, the presets, the command line, and a small
+end-to-end run."""
 import hashlib
 import json
 
@@ -7,11 +8,15 @@ import torch
 from safetensors.torch import load_file
 
 import backbone
-import cli
+import config
 import data
+import evaluate
 import features
 import pilot
 import run
+import server
+from client import client_round, steps_per_round
+from config import Config
 
 
 def test_the_shipped_tiny_backbone_is_the_recipes_build():
@@ -49,7 +54,7 @@ def test_tiny_backbone_round_trips_through_save_pretrained(small_backbone_dir, t
 
 
 def _setup(small_backbone_dir, clients=(0, 2)):
-    cfg = run.Config(clients=list(clients), n_train=8, n_test=3, batch_size=4, backbone=str(small_backbone_dir))
+    cfg = Config(clients=list(clients), n_train=8, n_test=3, batch_size=4, backbone=str(small_backbone_dir))
     bb = backbone.load_backbone(cfg.backbone)
     pilot.install_lora(bb.model.model.language_model, 8, 16, seed=0)
     cs = data.make_scenario("A", 0, cfg.clients, cfg.n_train, cfg.n_test)
@@ -60,7 +65,7 @@ def test_client_round_uploads_only_task_adapter_and_text_adapter(small_backbone_
     cfg, bb, cts = _setup(small_backbone_dir)
     tasks = ["caption", "vqa"]
     theta0 = {k: v.detach().clone() for k, v in pilot.lora_state(bb.model).items()}
-    up, private, st = run.client_round(bb, cts[0], dict(theta0), {}, 1, tasks, cfg, 0, log_bar=False)
+    up, private, st = client_round(bb, cts[0], dict(theta0), {}, 1, tasks, cfg, 0, log_bar=False)
     assert set(up) == set(theta0) | {f"task_adapter.linear_{i}.{w}" for i in (1, 2) for w in ("weight", "bias")}
     assert set(private) == {f"client_adapter.linear_{i}.{w}" for i in (1, 2) for w in ("weight", "bias")}
     assert any(not torch.equal(up[k], theta0[k]) for k in theta0)          # training changed Θ^l
@@ -68,17 +73,17 @@ def test_client_round_uploads_only_task_adapter_and_text_adapter(small_backbone_
     for key in ("linear_1.weight", "linear_2.weight"):
         assert (up[f"task_adapter.{key}"] - private[f"client_adapter.{key}"]).abs().max() > 1e-3
     assert private["client_adapter.linear_2.weight"].abs().max() > 1e-4
-    downloads = run.server_round([up, up], ["caption", "vqa"], [8, 8], top_m=3)
+    downloads = server.server_round([up, up], ["caption", "vqa"], [8, 8], top_m=3)
     assert set(downloads[0]) == set(theta0) | {f"global_task_adapter.{t}.linear_{i}.{w}" for t in tasks
                                                for i in (1, 2) for w in ("weight", "bias")}
-    up2, private2, _ = run.client_round(bb, cts[0], downloads[0], private, 2, tasks, cfg, 1, log_bar=False)
+    up2, private2, _ = client_round(bb, cts[0], downloads[0], private, 2, tasks, cfg, 1, log_bar=False)
     assert not any(k.startswith(("client_adapter", "cross_adapter", "router")) for k in up2)
     assert {k.split(".")[0] for k in private2} == {"client_adapter", "cross_adapter", "router"}
     assert all(torch.equal(private2[k], private[k]) for k in private)     # ψ_s frozen in stage 2
 
 
 def test_end_to_end_two_clients_writes_results(small_backbone_dir, tmp_path):
-    cfg = run.Config(clients=[0, 4], n_train=8, n_test=3, batch_size=4, rounds_stage1=1, rounds_stage2=1,
+    cfg = Config(clients=[0, 4], n_train=8, n_test=3, batch_size=4, rounds_stage1=1, rounds_stage2=1,
                      backbone=str(small_backbone_dir), out=str(tmp_path / "out"), top_m=1)
     res = run.run(cfg, log=lambda *a: None)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -116,84 +121,49 @@ def test_end_to_end_two_clients_writes_results(small_backbone_dir, tmp_path):
 def test_ata_record_counts_the_weight_from_other_tasks():
     tasks_of = ["caption", "caption", "vqa"]
     weights = {0: {0: 0.25, 1: 0.5, 2: 0.25}, 1: {1: 0.5, 0: 0.5}, 2: {2: 0.4, 0: 0.35, 1: 0.25}}
-    rec = run.ata_record({0: [1, 2], 1: [0], 2: [0, 1]}, tasks_of, weights)
+    rec = server.ata_record({0: [1, 2], 1: [0], 2: [0, 1]}, tasks_of, weights)
     assert rec["same_task"] == {"0": 0.5, "1": 1.0, "2": 0.0}
     assert rec["other_task_weight"] == {"0": 0.25, "1": 0.0, "2": 0.6}
     assert rec["other_task_weight_mean"] == round(0.85 / 3, 4)
-    assert "weights" not in run.ata_record({0: [1]}, tasks_of)
+    assert "weights" not in server.ata_record({0: [1]}, tasks_of)
     # a run of scenario clients 0, 2 and 5 names them so, as results.json's clients and the predictions files do
-    named = run.ata_record({0: [1, 2], 1: [0], 2: [0, 1]}, tasks_of, weights, ids=[0, 2, 5])
+    named = server.ata_record({0: [1, 2], 1: [0], 2: [0, 1]}, tasks_of, weights, ids=[0, 2, 5])
     assert named["neighbours"] == {"0": [2, 5], "2": [0], "5": [0, 2]}
     assert named["weights"]["5"] == {"5": 0.4, "0": 0.35, "2": 0.25} and named["other_task_weight"]["5"] == 0.6
 
 
-def test_presets_the_benchmark_schedule_for_tiny_and_the_papers_for_checkpoints():
-    tiny, _, _ = cli.parse_args([])
+def test_presets_the_benchmark_schedule_for_tiny_and_the_papers_recipe_for_checkpoints():
+    tiny, _ = run.parse_config([])
     assert (tiny.rounds_stage1, tiny.rounds_stage2, tiny.local_steps, tiny.lora_r, tiny.checkpoint) == (4, 16, 10, 8, "round")
-    assert (tiny.lr_stage1, tiny.lr_stage2) == (3e-3, 3e-3)             # one peak rate for both stages
-    real, _, _ = cli.parse_args(["--backbone", "llava-hf/llava-1.5-7b-hf"])
-    assert (real.rounds_stage1, real.rounds_stage2, real.local_steps, real.lora_r, real.lora_alpha,
-            real.checkpoint, real.lr_stage2) == (1, 3, 0, 64, 128.0, "client", 6e-3)
-    assert cli.parse_args(["--lr-stage2", "1e-3"])[0].lr_stage2 == 1e-3
-    given, _, _ = cli.parse_args(["--backbone", "llava-hf/llava-1.5-7b-hf", "--local-steps", "5", "--lora-r", "16"])
-    assert (given.local_steps, given.lora_r, given.rounds_stage2) == (5, 16, 3)
+    assert (tiny.lr_stage1, tiny.lr_stage2, tiny.batch_size, tiny.grad_accum, tiny.dtype) == (3e-3, 3e-3, 8, 1, "fp32")
+    # a checkpoint: PILOT_METHOD.md's paper-scale recipe, exactly, unless a flag overrides a value
+    real, _ = run.parse_config(["--backbone", "llava-hf/llava-1.5-7b-hf"])
+    paper = dict(lr_stage1=2e-5, lr_stage2=4e-5, batch_size=16, grad_accum=2, warmup_ratio=0.03, dtype="bf16",
+                 max_length=2048, lora_r=64, lora_alpha=128.0, rounds_stage1=1, rounds_stage2=3, local_steps=0,
+                 local_epochs=1, checkpoint="client")
+    assert {k: getattr(real, k) for k in paper} == paper
+    recipe = config.recipe(real)
+    assert recipe["lr_stage1"] == {"value": 2e-5, "source": "paper"} and recipe["rounds_stage1"]["source"].startswith("reading")
+    given, _ = run.parse_config(["--backbone", "llava-hf/llava-1.5-7b-hf", "--local-steps", "5", "--lr-stage2", "1e-4"])
+    assert {k: getattr(given, k) for k in paper} == {**paper, "local_steps": 5, "lr_stage2": 1e-4}
+    assert config.recipe(given)["lr_stage2"] == {"value": 1e-4, "source": "flag"}
+    assert "lr_stage2 0.0001 (flag)" in config.recipe_line(given) and "lr_stage1 2e-05," in config.recipe_line(given)
     # whole epochs when --local-steps is 0: ceil(ceil(n / batch) / grad_accum) per epoch
-    assert run.steps_per_round(run.Config(local_steps=0, local_epochs=2, batch_size=8, grad_accum=2), 33) == 6
-    assert run.steps_per_round(run.Config(local_steps=7), 33) == 7
+    assert steps_per_round(Config(local_steps=0, local_epochs=2, batch_size=8, grad_accum=2), 33) == 6
+    assert steps_per_round(Config(local_steps=7), 33) == 7
 
 
-def test_backbone_probe_reports_its_own_baseline_exactly(small_backbone_dir, monkeypatch):
-    bb = backbone.load_backbone(str(small_backbone_dir))
-    # the probe on a corpus naming every colour and shape, and centres (a variant of the recipe)
-    monkeypatch.setitem(backbone.PRETRAIN, "name_boxes", False)
-    for key in ("colours", "shapes"):
-        monkeypatch.delitem(backbone.PRETRAIN, key)
-    r = backbone.probe(bb, n=200)
-    one = [s for s in data.pretraining_corpus(200, 7)
-           if s.question == "describe the objects." and " ; " not in s.answer and not s.answer.startswith("text")]
-    centres = [[float(v) for v in s.answer.split(" at ")[1].split(", ")] for s in one]
-    assert r["images"] == len(one) > 10
-    assert abs(r["centre_l1_error_guessing_the_middle"] - sum(abs(x - 0.5) + abs(y - 0.5) for x, y in centres) / len(one)) < 1e-12
-    assert 0 <= r["object_words_right"] <= 1 and 0 <= r["centre_l1_error"] <= 2
-    assert r["images_with_a_number"] == min(300, sum(s.extra["text"] is not None for s in data.pretraining_corpus(200, 7))) > 5
-    assert 0 <= r["numbers_read_right"] <= 1
-
-
-def test_backbone_probe_reads_the_middle_of_a_named_box(small_backbone_dir, monkeypatch):
-    bb = backbone.load_backbone(str(small_backbone_dir))
-    monkeypatch.setitem(backbone.PRETRAIN, "name_boxes", True)
-    for key in ("colours", "shapes"):     # every colour and shape named: only the boxes vary
-        monkeypatch.delitem(backbone.PRETRAIN, key)
-    assert backbone.corpus_variant() == {"boxes": True}
-    one = [s for s in data.pretraining_corpus(200, 7, boxes=True)
-           if s.question == "describe the objects." and " ; " not in s.answer and not s.extra["text"]]
-    middles = [[(a + b) / 2 for a, b in zip(box[:2], box[2:])] for box in (data.parse_box(s.answer) for s in one)]
-    r = backbone.probe(bb, n=200)
-    assert r["images"] == len(one) > 10
-    assert abs(r["centre_l1_error_guessing_the_middle"] - sum(abs(x - 0.5) + abs(y - 0.5) for x, y in middles) / len(one)) < 1e-12
-
-
-def test_backbone_probe_draws_only_what_the_alignment_named(small_backbone_dir, monkeypatch):
-    bb = backbone.load_backbone(str(small_backbone_dir))
-    monkeypatch.setitem(backbone.PRETRAIN, "colours", ("red", "blue"))
-    monkeypatch.setitem(backbone.PRETRAIN, "shapes", ("circle", "square"))
-    one = [s for s in data.pretraining_corpus(200, 7, colours=("red", "blue"), shapes=("circle", "square"))
-           if s.question == "describe the objects." and " ; " not in s.answer and not s.answer.startswith("text")]
-    assert {tuple(s.answer.split(" at ")[0].split()[-2:]) for s in one} <= {(c, h) for c in ("red", "blue") for h in ("circle", "square")}
-    assert backbone.probe(bb, n=200)["images"] == len(one) > 10
-
-
-def test_feature_probes_read_what_is_there_and_only_what_is_held_out():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(400, 4, 5, generator=g)
-    w = torch.randn(20, 2, generator=g)
-    y = x.flatten(1) @ w + 3.0
-    pred = backbone._fit_probe(x, y)          # ridge: predictions for the held-out quarter only
-    held = y[300:]
-    assert pred.shape == (100, 2) and (pred - held).norm() < 0.1 * (held - held.mean(0)).norm()   # ridge shrinks a little
-    labels = (x[:, 0, 0] > 0).long() + 2 * (x[:, 1, 2] > 0).long()   # four separable classes
-    assert backbone._fit_probe(x, labels, classes=4) > 0.9
-    assert backbone._fit_probe(x, torch.randint(0, 4, (400,), generator=g), classes=4) < 0.45  # noise: near chance
+def test_every_setting_is_a_flag_and_bad_ones_end_in_one_line(capsys):
+    flags = run.arg_parser().format_help()
+    assert all("--" + f.name.replace("_", "-") in flags for f in __import__("dataclasses").fields(Config))
+    cfg, _ = run.parse_config(["--warmup-ratio", "0.1", "--eval-batch-size", "20", "--clients", "0,2", "--local-steps", "0"])
+    assert (cfg.warmup_ratio, cfg.eval_batch_size, cfg.clients, cfg.local_steps) == (0.1, 20, [0, 2], 0)
+    for argv, why in ((["--method", "pilotx"], "unknown method 'pilotx'"), (["--features", "ram"], "--features ram"),
+                      (["--top-m", "6"], "--top-m 6: must be at least 1 and below"), (["--scenario", "C"], "unknown scenario")):
+        with pytest.raises(SystemExit):
+            run.parse_config(argv)
+        err = capsys.readouterr().err
+        assert why in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_dense_targets_put_each_object_and_digit_in_the_patch_of_its_centre():
@@ -228,24 +198,22 @@ def test_generation_limits_hold_the_tiny_backbones_longest_answers():
     longest = {"caption": "a large purple triangle left of a large yellow triangle left of a small purple triangle",
                "vqa": "purple", "grounding": "large purple triangle at [0.38, 0.35, 0.85, 0.82]", "ocr": "7"}
     for task, text in longest.items():
-        assert len(tok(text, add_special_tokens=False)["input_ids"]) + 1 <= run.MAX_NEW_TOKENS[task], task
+        assert len(tok(text, add_special_tokens=False)["input_ids"]) + 1 <= evaluate.MAX_NEW_TOKENS[task], task
 
 
 def test_data_seed_holds_the_data_while_the_seed_varies_the_training(tmp_path, capsys):
     def drawn(**kw):
-        _, (c,) = run.load_clients(run.Config(clients=[2], n_train=3, n_test=2, **kw))
+        _, (c,) = run.load_clients(Config(clients=[2], n_train=3, n_test=2, **kw))
         return [(s.question, s.answer, s.image) for s in c.train + c.test]
 
     def same(a, b):
         return all(x[:2] == y[:2] and torch.equal(x[2], y[2]) for x, y in zip(a, b))
 
-    # the benchmark's world is data seed 0 whatever the seed; 'seed' (None) lets each seed draw its own
-    held, own = drawn(seed=3), drawn(seed=3, data_seed=None)
-    assert same(held, drawn(seed=0)) and not same(own, held) and same(own, drawn(seed=0, data_seed=3))
-    assert [cli.parse_args(a)[0].data_seed for a in ([], ["--data-seed", "seed"], ["--data-seed", "2"])] == [0, None, 2]
+    # the benchmark's world is data seed 0 whatever the seed; another data seed draws another world
+    assert same(drawn(seed=3), drawn(seed=0)) and not same(drawn(data_seed=3), drawn())
+    assert [run.parse_config(a)[0].data_seed for a in ([], ["--data-seed", "2"])] == [0, 2]
     manifest = tmp_path / "m.json"
     manifest.write_text('{"clients": []}')
-    assert cli.parse_args(["--data", str(manifest)])[0].data_seed == 0    # the default says nothing of --data
     with pytest.raises(SystemExit):
-        cli.parse_args(["--data", str(manifest), "--data-seed", "1"])
+        run.parse_config(["--data", str(manifest), "--data-seed", "1"])
     assert "--data-seed: draws the synthetic scenarios only, not --data" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 PILOT_METHOD.md's equations, written out independently in tests/reference/generate.py): inputs
 cast to fp32, outputs checked within each case's stated tolerance (rtol 1e-4, atol 1e-5)."""
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -11,7 +12,10 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 import aggregate
+import client
 import pilot
+import server
+from config import METHODS, Config
 
 REF = Path(__file__).resolve().parent / "reference"
 INDEX = json.loads((REF / "index.json").read_text())["cases"]
@@ -35,8 +39,15 @@ def _clients(inputs):
     return [{k.split(".", 1)[1]: v for k, v in inputs.items() if k.split(".")[0] == f"client{j}"} for j in range(K)]
 
 
-def test_every_case_is_checked():
-    assert set(INDEX) == {"lora", "stage1", "router_losses", "ctmoa", "task_aware_visual", "ata_ties", "ata", "fedavg"}
+def test_every_case_is_checked_and_the_conventions_stated_once():
+    assert set(INDEX) == {"lora", "stage1", "router_losses", "ctmoa", "task_aware_visual", "ata_ties", "ata", "fedavg",
+                          "ata_near", "trajectory"}
+    conventions = json.loads((REF / "index.json").read_text())["conventions"]
+    assert {"gelu", "router_order", "stacked_experts", "ata_identical", "ata_zero_distance", "ata_lambda"} <= set(conventions)
+    # the implementation's own constants are the ones stated
+    assert "1e-6" in conventions["ata_identical"] and "1e-6" in aggregate.pairwise_distances.__doc__ + \
+        __import__("inspect").getsource(aggregate.pairwise_distances)
+    assert torch.nn.functional.gelu(torch.tensor(1.0)).item() == pytest.approx(0.5 * (1 + math.erf(1 / math.sqrt(2))))
 
 
 def test_lora():
@@ -98,7 +109,7 @@ def test_task_aware_visual_aggregation():
         check(key, got[task][name])
 
 
-@pytest.mark.parametrize("name", ["ata_ties", "ata"])
+@pytest.mark.parametrize("name", ["ata_ties", "ata", "ata_near"])
 def test_ata_distances_mixing_matrix_and_outputs(name):
     x, out, s, check = _case(name)
     states = _clients(x)
@@ -119,6 +130,74 @@ def test_fedavg():
     got = aggregate.fedavg(_clients(x), s["n"])
     for key in out:
         check(key, got[key.split(".", 1)[1]])
+
+
+class _StandIn:
+    """What client.build_connector reads of a backbone: the connector's widths and the projector."""
+    def __init__(self, projector):
+        self.dims = (4, 5)
+        self.model = nn.Module()
+        self.model.model = nn.Module()
+        self.model.model.multi_modal_projector = pilot.MLPAdapter(4, 5)
+        self.model.model.multi_modal_projector.load_state_dict(projector)
+
+
+def test_trajectory_a_whole_federation_by_the_implementations_own_client_and_server_steps():
+    """Two rounds of 3 clients through client.build_connector (stage 1, then CT-MoA), the stand-in LLM
+    (one frozen linear layer with pilot's LoRA), 2 plain SGD steps on what pilot.trainable_parameters
+    switches on, the upload and private state pilot.split_connector_state gives, and
+    server.server_round's downloads: every tensor as the reference's float64 run, per client and round."""
+    x, out, s, check = _case("trajectory")
+    projector = {k[len("projector."):]: v for k, v in x.items() if k.startswith("projector.")}
+    bb = _StandIn(projector)
+    lm = nn.Module()
+    lm.lm = nn.Linear(5, 3)
+    lm.lm.load_state_dict({"weight": x["lm.weight"], "bias": x["lm.bias"]})
+    pilot.install_lora(lm, s["lora_r"], s["lora_alpha"], targets=("lm",))
+    theta0 = {k: x[k] for k in ("lora.lm.lora_A", "lora.lm.lora_B")}
+    cfg = Config(method="pilot", lambda_d=s["lambda_d"], lambda_b=s["lambda_b"], lambda_z=s["lambda_z"])
+    tasks_of, n = s["tasks"], s["n"]
+    tasks = sorted(set(tasks_of), key=["caption", "vqa", "grounding", "ocr"].index)
+    downloads, private = [dict(theta0) for _ in tasks_of], [{} for _ in tasks_of]
+    for rnd, stage in ((1, 1), (2, 2)):
+        uploads = []
+        for k, task in enumerate(tasks_of):
+            mine = private[k] if stage == 1 else {**private[k], **{key: x[f"client{k}.{key}"] for key in ("router.weight", "router.bias")}}
+            conn = client.build_connector(bb, stage, tasks, task, downloads[k], mine, 0, cfg)
+            client.load_text_adapter(lm, downloads[k])
+            params = list(pilot.trainable_parameters(lm, conn).values())
+            for _ in range(s["sgd_steps"]):
+                x_img, aux = conn(x[f"client{k}.h_v"])
+                loss = ((lm.lm(x_img) - x[f"client{k}.target"]) ** 2).mean() + aux
+                grads = torch.autograd.grad(loss, params)
+                with torch.no_grad():
+                    for p, g in zip(params, grads):
+                        p -= s["lr"] * g
+            up_conn, new_private = pilot.split_connector_state(conn)
+            uploads.append({**up_conn, **{key: v.detach().clone() for key, v in pilot.lora_state(lm).items()}})
+            private[k] = {**private[k], **new_private}
+            for key, v in uploads[k].items():
+                check(f"round{rnd}/client{k}/upload/{key}", v)
+            # ψ_s, and in stage 2 ψ^c (the implementation keeps its second layer input-major) and φ
+            named = {"w1": "cross.linear_1.weight", "b1": "cross.linear_1.bias", "w2": "cross.linear_2.weight",
+                     "b2": "cross.linear_2.bias"}
+            for key, v in private[k].items():
+                ref = named.get(key.split(".", 1)[1], key) if key.startswith("cross_adapter.") else key
+                check(f"round{rnd}/client{k}/private/{ref}", v.transpose(1, 2) if key == "cross_adapter.w2" else v)
+            assert {f"round{rnd}/client{k}/private/{k2}" for k2 in [named.get(p.split(".", 1)[1], p) if
+                    p.startswith("cross_adapter.") else p for p in private[k]]} == \
+                {o for o in out if o.startswith(f"round{rnd}/client{k}/private/")}
+        downloads = server.server_round(uploads, tasks_of, n, s["top_m"], METHODS["pilot"])
+        for k in range(len(tasks_of)):
+            assert {f"round{rnd}/client{k}/download/{key}" for key in downloads[k]} == \
+                {o for o in out if o.startswith(f"round{rnd}/client{k}/download/")}
+            for key, v in downloads[k].items():
+                check(f"round{rnd}/client{k}/download/{key}", v)
+        # not a trivial case: ATA personalises Θ^l (two mutual nearest neighbours with M = 1 get the same
+        # n-weighted pair average; the third client another), and stage 2 moved ψ^c from its zero last layer
+        mixed = [d["lora.lm.lora_B"] for d in downloads]
+        assert not all(torch.allclose(mixed[0], m) for m in mixed[1:])
+    assert private[2]["cross_adapter.w2"].abs().max() > 1e-3
 
 
 def test_stored_vectors_are_what_the_documented_command_generates():

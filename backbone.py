@@ -120,6 +120,9 @@ def tiny_backbone_dir(log=print) -> Path:
         raise FileNotFoundError(f"{TINY_DIR}: the tiny backbone is missing; rebuild it with "
                                 f"'python backbone.py --build {TINY_DIR.name}'")
     built = json.loads(meta.read_text()).get("key")
+    if not (TINY_DIR / "model.safetensors").is_file():   # e.g. a Flower App Bundle, which carries no weights
+        raise FileNotFoundError(f"{TINY_DIR}/model.safetensors is missing: name the tiny backbone by the path of a "
+                                f"checkout's tiny-backbone directory (--backbone /path/to/pilot-fedmit/tiny-backbone)")
     if built != tiny_backbone_key():
         raise ValueError(f"{TINY_DIR} holds the tiny backbone {built}, but backbone.py's recipe is "
                          f"{tiny_backbone_key()}: rebuild it with 'python backbone.py --build {TINY_DIR.name}'")

@@ -32,6 +32,13 @@ def test_the_shipped_tiny_backbone_is_the_recipes_build():
     assert sum(p.numel() for p in bb.model.parameters()) == meta["n_parameters"]
 
 
+def test_a_tiny_backbone_without_its_weights_says_how_to_name_one(monkeypatch, tmp_path):
+    (tmp_path / "pilot_backbone.json").write_bytes((backbone.TINY_DIR / "pilot_backbone.json").read_bytes())
+    monkeypatch.setattr(backbone, "TINY_DIR", tmp_path)        # as in a Flower App Bundle: no weights file
+    with pytest.raises(FileNotFoundError, match="model.safetensors is missing: name the tiny backbone by the path"):
+        backbone.load_backbone("tiny")
+
+
 def test_a_tiny_backbone_of_another_recipe_is_refused(monkeypatch):
     monkeypatch.setitem(backbone.PRETRAIN, "vision_steps", 1999)
     with pytest.raises(ValueError, match=r"rebuild it with 'python backbone.py --build tiny-backbone'"):

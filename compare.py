@@ -6,17 +6,20 @@ ablation's to Pilot, the paper's claims with a verdict, and plots.
     python compare.py --scenario A --methods all --jobs 2           # runs/compare-A, seeds 0-4
     python compare.py --scenario A --methods pilot --top-m 1 --jobs 2   # pilot-top1 beside them
     python compare.py runs/compare-A                                # the summaries again, from the runs
-    python compare.py runs/compare-A runs/compare-B --into RESULTS.md README.md   # and their tables there
+    python compare.py runs/compare-A runs/compare-B --into RESULTS.md README.md --figures docs/figures
+                                    # and their tables there, their plots as docs/figures/<scenario>-*.png
 
 A comparison directory holds one run per method and seed (<label>-seed<s>, a run.py output); its
 summary (compare.json, compare.md, scores.png, rounds.png) covers every run in it. Any run.py flag
 is a comparison flag (--help). matplotlib is optional: without it the plots are skipped, with one
 line saying so.
 """
+import argparse
 import functools
 import json
 import math
 import re
+import shutil
 import statistics
 import sys
 import time
@@ -239,6 +242,7 @@ def summarise(scenario, seeds, results):
             "kb_up_per_round": runs[0]["bytes_up"] / 1e3 / _rounds(runs[0]),
             "kb_down_per_round": runs[0]["bytes_down"] / 1e3 / _rounds(runs[0]),
             "trainable_params": runs[0]["trainable_params"], "communicated_params": runs[0]["communicated_params"],
+            "rounds_stage1": runs[0]["config"]["rounds_stage1"],
             "wall_s": round(sum(r["wall_s"] for r in runs), 1),
         }
     claims = []
@@ -373,6 +377,10 @@ def plots(summary, out: Path) -> str:
         ax.fill_between(xs, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)], color=f"C{i}", alpha=0.2)
         bx.plot(v["per_seed"], [i] * len(v["per_seed"]), ".", color=f"C{i}")
         bx.plot([v["average"]["mean"]], [i], "|", color=f"C{i}", ms=14)
+    r1 = next(iter(curves.values()))["rounds_stage1"]
+    ax.axvline(r1 + 0.5, color="grey", lw=0.8, ls=":")
+    ax.text(r1 + 0.6, ax.get_ylim()[1], "stage 2 →", va="top", fontsize=8, color="grey")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("round")
     ax.set_ylabel("test loss (answer tokens, teacher-forced)")
     ax.legend(fontsize=8)
@@ -416,13 +424,21 @@ def into(path: Path, tables: dict):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     dirs = [a for a in argv if not a.startswith("-") and Path(a).is_dir()]
-    if dirs:   # summarise existing comparisons (and fill their tables into documents)
-        files = argv[argv.index("--into") + 1:] if "--into" in argv else []
+    if dirs:   # summarise existing comparisons (and fill their tables into documents, copy their plots)
+        ap = argparse.ArgumentParser(description="Summarise comparisons again from their runs.")
+        ap.add_argument("dirs", nargs="+", help="comparison directories (runs/compare-A ...)")
+        ap.add_argument("--into", nargs="*", default=[], help="markdown files whose compare blocks to fill")
+        ap.add_argument("--figures", help="a folder to copy each comparison's plots to, as <scenario>-<plot>.png")
+        a = ap.parse_args(argv)
         tables = {}
-        for d in dirs:
-            summary = write(Path(d))
+        for d in map(Path, a.dirs):
+            summary = write(d)
             tables[summary["scenario"]] = sections(summary)
-        for f in files:
+            for name in ("scores", "rounds") if a.figures else ():
+                if (d / f"{name}.png").is_file():
+                    Path(a.figures).mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(d / f"{name}.png", Path(a.figures) / f"{summary['scenario']}-{name}.png")
+        for f in a.into:
             into(Path(f), tables)
             print(f"filled {f}")
         return

@@ -1,7 +1,7 @@
 """
 Benchmarks: what Pilot costs beside plain federated LoRA. Prints a table, writes bench.json.
 
-    python bench.py                      # CPU part (about 5 minutes on 2 cores)
+    python bench.py                      # the CPU part
     python bench.py --device cuda        # adds the GPU part: a LLaVA-1.5-7B-shaped client step
     python bench.py --features 1000,10000,50000   # only the feature cache: one client round's peak
                                          # memory and loading time, H_v in memory or on disk

@@ -4,7 +4,7 @@ corpus. Nothing is downloaded: every image is drawn here, deterministically from
 
     python data.py --scenario A            # print a few samples of every client
 
-The world is designed from three principles (PILOT_METHOD.md, "Task: FedMIT"), not tuned until
+The world is designed from three principles (docs/METHOD.md, "The task: FedMIT"), not tuned until
 any method wins:
 - task heterogeneity: every client holds ONE task type with its own instruction and answer format:
   captioning ("a large red circle left of a small blue square"), VQA about colour, shape, size,
@@ -51,8 +51,7 @@ TRAIN_OMIT = (("yellow",), ("purple",), ("triangle",), ("cross",))
 OCR_DOT_PX = 6.0         # text reading: one digit of 6-pixel font dots (18 x 30 pixels), in the centre
 
 
-TASKS = ("caption", "vqa", "grounding", "ocr")
-METRICS = {"caption": "cider", "vqa": "vqa_acc", "grounding": "acc_iou50", "ocr": "vqa_acc"}
+TASKS = ("caption", "vqa", "grounding", "ocr")   # each task's metric: evaluate.METRICS
 
 
 @dataclass
@@ -299,7 +298,7 @@ class ClientSpec:
     n_test: int
 
 
-SCENARIOS = {  # [reading] PILOT_METHOD.md, "Scenarios": this project's definition of A and B
+SCENARIOS = {  # [reading] docs/METHOD.md, "Scenarios": this project's definition of A and B
     # A's clients hold 150 training samples each, so that one client's data leave room for pooling
     # (RESULTS.md, steps 47, 50, 51)
     "A": [ClientSpec(t, 150, 400) for t in ("caption", "caption", "vqa", "vqa", "grounding", "grounding")],

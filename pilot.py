@@ -3,7 +3,7 @@ Pilot's model side: hand-written LoRA (the text adapter Θ^l), the stage-1 conne
 ψ_t + client adapter ψ_s, difference loss) and the stage-2 CT-MoA connector (own task adapter,
 frozen foreign task adapters ψ^t_i each plus a cross-task adapter ψ^c_i, router φ, load-balance and
 z losses), and the forward pass that puts a connector between a LLaVA model's frozen vision tower
-and its frozen, LoRA-adapted LLM. Equations and notation follow PILOT_METHOD.md.
+and its frozen, LoRA-adapted LLM. Equations and notation follow docs/METHOD.md.
 
 Nothing here runs on its own: client.py trains it, evaluate.py scores it, tests/ check it.
 
@@ -207,7 +207,7 @@ def sub_state(state: dict, prefix: str) -> dict:
 
 
 def fresh_client_adapter(projector: dict) -> dict:
-    """A new ψ_s. [reading] PILOT_METHOD.md, Stage 1, "Initialisation": the projector's first layer
+    """A new ψ_s. [reading] docs/METHOD.md, "Stage 1", R1: the projector's first layer
     and a ZERO last layer, so ψ_s(H_v) = 0 and x_img = ψ_t(H_v) starts as the projector's output.
     Why not a copy of the projector (the released fragment): ψ_t and ψ_s would start equal, and
     since x_img = x_t + x_s and L_d is symmetric in them, they would get identical gradients at
@@ -296,12 +296,17 @@ def split_connector_state(conn: nn.Module):
 
 # ----------------------------------------------------------------------------- forward passes
 def image_features(model, pixel_values, grad=False):
-    """H_v = f(X_v): the vision tower's selected layer, CLS dropped (LLaVA-1.5's 'default').
-    Frozen during federated tuning (grad=False); only the tiny backbone's pretraining trains it."""
+    """H_v = f(X_v) as the checkpoint's config selects it: the hidden states of vision_feature_layer
+    (an index, or a list of indices whose states are concatenated along the width), the first token
+    (CLIP's class token) dropped when vision_feature_select_strategy is "default", every token kept
+    when it is "full" (SigLIP has no class token). LLaVA-1.5: layer -2, "default". Frozen during
+    federated tuning (grad=False); only the tiny backbone's pretraining trains it."""
     cfg = model.config
     with torch.set_grad_enabled(grad):
         out = model.model.vision_tower(pixel_values.to(model.dtype), output_hidden_states=True)
-    h = out.hidden_states[cfg.vision_feature_layer]
+    layer = cfg.vision_feature_layer
+    h = torch.cat([out.hidden_states[i] for i in layer], -1) if isinstance(layer, (list, tuple)) \
+        else out.hidden_states[layer]
     return h[:, 1:] if cfg.vision_feature_select_strategy == "default" else h
 
 

@@ -5,7 +5,7 @@ import torch
 import aggregate
 
 # Four clients, one scalar parameter each (plus an all-zero tensor that must not change distances):
-# Θ = 0, 1, 3, 7 and n = 1, 1, 2, 4, with M = 2. By hand (PILOT_METHOD.md's ATA):
+# Θ = 0, 1, 3, 7 and n = 1, 1, 2, 4, with M = 2. By hand (docs/METHOD.md's ATA):
 #   k=0: N = {1, 2}, d = (1, 3), w = (3/4, 1/4), λ = 1/4 -> 1/4*0 + 3/4*(3/4*1 + 1/4*3) = 9/8
 #   k=1: N = {0, 2}, d = (1, 2), w = (2/3, 1/3), λ = 1/4 -> 1/4*1 + 3/4*(1/3*3)         = 1
 #   k=2: N = {1, 0}, d = (2, 3), w = (3/5, 2/5), λ = 1/2 -> 1/2*3 + 1/2*(3/5*1)         = 9/5

@@ -1,5 +1,5 @@
 """The implementation against the reference vectors of tests/reference/ (float64 computations of
-PILOT_METHOD.md's equations, written out independently in tests/reference/generate.py): inputs
+docs/METHOD.md's equations, written out independently in tests/reference/generate.py): inputs
 cast to fp32, outputs checked within each case's stated tolerance (rtol 1e-4, atol 1e-5)."""
 import json
 import math
@@ -41,9 +41,10 @@ def _clients(inputs):
 
 def test_every_case_is_checked_and_the_conventions_stated_once():
     assert set(INDEX) == {"lora", "stage1", "router_losses", "ctmoa", "task_aware_visual", "ata_ties", "ata", "fedavg",
-                          "ata_near", "trajectory"}
+                          "ata_near", "trajectory", "ata_threshold"}
     conventions = json.loads((REF / "index.json").read_text())["conventions"]
-    assert {"gelu", "router_order", "stacked_experts", "ata_identical", "ata_zero_distance", "ata_lambda"} <= set(conventions)
+    assert {"gelu", "router_order", "stacked_experts", "ata_identical", "ata_zero_distance", "ata_lambda", "ata_outputs",
+            "zero_last_layer"} <= set(conventions)
     # the implementation's own constants are the ones stated
     assert "1e-6" in conventions["ata_identical"] and "1e-6" in aggregate.pairwise_distances.__doc__ + \
         __import__("inspect").getsource(aggregate.pairwise_distances)
@@ -109,7 +110,7 @@ def test_task_aware_visual_aggregation():
         check(key, got[task][name])
 
 
-@pytest.mark.parametrize("name", ["ata_ties", "ata", "ata_near"])
+@pytest.mark.parametrize("name", ["ata_ties", "ata", "ata_near", "ata_threshold"])
 def test_ata_distances_mixing_matrix_and_outputs(name):
     x, out, s, check = _case(name)
     states = _clients(x)
@@ -210,3 +211,19 @@ def test_stored_vectors_are_what_the_documented_command_generates():
     assert index == INDEX and tensors.keys() == VECTORS.keys()
     for k, v in tensors.items():
         torch.testing.assert_close(v, VECTORS[k], rtol=1e-12, atol=1e-12)
+
+
+def test_the_threshold_case_tells_the_plain_mean_from_the_n_weighted_one():
+    """ata_threshold fails a port that centres the identical-client threshold on the n-weighted mean:
+    that reading's distances and mixing lie outside the case's tolerance."""
+    sys.path.insert(0, str(REF))
+    try:
+        import generate
+    finally:
+        sys.path.remove(str(REF))
+    x, out, s, _ = _case("ata_threshold")
+    states = [{k: v.double() for k, v in c.items()} for c in _clients(x)]
+    weighted = generate.distances(states, 1e-6, weights=s["n"])
+    tol = INDEX["ata_threshold"]["atol"] + INDEX["ata_threshold"]["rtol"] * out["distances"].abs()
+    assert ((weighted - out["distances"]).abs() > tol).any()
+    assert out["distances"][2, 3] == 0 and weighted[2, 3] > 0

@@ -1,5 +1,5 @@
 """
-Reference vectors for porters: fixed inputs and the outputs PILOT_METHOD.md's equations give, in
+Reference vectors for porters: fixed inputs and the outputs docs/METHOD.md's equations give, in
 float64, written out plainly here, independently of the implementation under test (nothing from
 pilot.py or aggregate.py is imported).
 
@@ -72,11 +72,14 @@ def weighted_sum(states, weights):
     return {k: sum(w * s[k] for s, w in zip(states, weights)) for k in states[0]}
 
 
-def distances(states, identical=0.0):
-    """d_kj = ||Θ_k − Θ_j||, 0 where d² <= identical x the largest squared norm of a state minus the mean state."""
+def distances(states, identical=0.0, weights=None):
+    """d_kj = ||Θ_k − Θ_j||, 0 where d² <= identical x the largest squared norm of a state minus the
+    mean state: the plain mean of the K states (weights, only to show what the other reading gives:
+    the mean weighted by them)."""
     flat = [torch.cat([s[k].reshape(-1) for k in sorted(s)]) for s in states]
     d = torch.tensor([[float((a - b).norm()) for b in flat] for a in flat], dtype=torch.float64)
-    mean = sum(flat) / len(flat)
+    w = [1.0 / len(flat)] * len(flat) if weights is None else [x / sum(weights) for x in weights]
+    mean = sum(wi * f for wi, f in zip(w, flat))
     d[d ** 2 <= identical * max(float(((f - mean) ** 2).sum()) for f in flat)] = 0.0
     return d
 
@@ -115,8 +118,15 @@ CONVENTIONS = {
     "load_balance": "f_e = fraction of tokens whose top-1 expert (argmax of P, the lowest index on a tie) is e, no "
                     "gradient through f; L_b = T sum_e f_e mean(P_e); L_z = mean over tokens of logsumexp(logits)^2",
     "ata_neighbours": "N_M(k): the M clients j != k with the smallest d_kj, ties broken by the lower client index",
-    "ata_identical": "d_kj is taken to be exactly 0 when d_kj^2 <= 1e-6 max_i ||Theta_i - mean_j Theta_j||^2 (the "
-                     "round's K text adapters): clients equal up to float32 rounding are identical (case 'ata_near')",
+    "ata_identical": "d_kj is taken to be exactly 0 when d_kj^2 <= 1e-6 max_i ||Theta_i - mean_j Theta_j||^2, the mean "
+                     "being the plain (unweighted) mean of the round's K text adapters, not the n-weighted one: "
+                     "clients equal up to float32 rounding are identical (case 'ata_near'; case 'ata_threshold' tells "
+                     "the plain mean from the n-weighted one)",
+    "ata_outputs": "'distances' is the K x K matrix of d_kj after the identical-client rule (entries taken as identical "
+                   "are 0), symmetric, zero diagonal; 'mixing' is the K x K matrix A with Theta-bar_k = sum_j A[k, j] "
+                   "Theta_j: row k is the receiving client k, column j the client it takes from, each row sums to 1",
+    "zero_last_layer": "a 'zero last layer' sets both linear_2.weight and linear_2.bias to 0, so the adapter outputs "
+                       "exact zeros until it has trained",
     "ata_zero_distance": "neighbours at distance 0 share the neighbour weight (1 - lambda_k) equally, the others in "
                          "N_M(k) get 0: the limit of inverse-distance weighting; no division by zero",
     "ata_lambda": "lambda_k = n_k / (n_k + sum over N_M(k) of n_j) counts every neighbour in N_M(k), those given no "
@@ -124,10 +134,13 @@ CONVENTIONS = {
     "stage1_init": "round 1: psi_t = the backbone's projector; a new psi_s = the projector's first layer and a zero "
                    "last layer; later rounds: psi_t from the global task adapter of the client's task, psi_s its own",
     "stage2_init": "expert 1 = the global task adapter of the client's task (trainable); foreign experts = the other "
-                   "tasks' global task adapters (frozen); a new psi^c = the projector's first layer and a zero last "
-                   "layer; psi_s frozen, added with weight 1; phi's initial values are a client's own (given here)",
+                   "tasks' global task adapters (frozen); a new psi^c_i = the projector's first layer (weight and "
+                   "bias) and a zero last layer, for every foreign expert i; psi_s frozen, added with weight 1; phi's "
+                   "initial values are a client's own (given here)",
     "uploads": "a client uploads task_adapter.* (psi_t, or expert 1 in stage 2) and lora.* (Theta^l); psi_s "
-               "(client_adapter.*), psi^c (cross_adapter.*) and phi (router.*) never leave it",
+               "(client_adapter.*), psi^c and phi (router.*) never leave it. psi^c is named cross.linear_{1,2}.{weight,"
+               "bias} in the vectors, stacked [T - 1, out, in] (stacked_experts); this implementation's state dicts "
+               "name the same tensors cross_adapter.w1, b1, w2, b2, with w2 stored input-major [T - 1, in, out]",
     "downloads": "client k downloads global_task_adapter.<task>.* for every task (sample-count-weighted mean of that "
                  "task's uploaded psi_t) and its own lora.* (ATA's Theta-bar^l_k)",
 }
@@ -217,7 +230,20 @@ def trajectory(g):
         outputs.update({f"round2/client{k}/download/{key}": v for key, v in downloads[k].items()})
     settings = dict(tasks=tasks, n=n, top_m=top_m, lr=lr, sgd_steps=steps, lora_r=r, lora_alpha=alpha, lambda_d=lam_d,
                     lambda_b=lam_b, lambda_z=lam_z, loss="mean over batch, tokens and outputs of (lm(x_img) - target)^2, "
-                    "plus the stage's auxiliary loss; lm is the frozen linear layer lm.* with the LoRA lora.lm.*")
+                    "plus the stage's auxiliary loss; lm is the frozen linear layer lm.* with the LoRA lora.lm.*",
+                    batch="every SGD step of client k sees its whole batch: client<k>.h_v [2, 3, 4] (B = 2 samples of "
+                    "N = 3 tokens) and client<k>.target [2, 3, 3]",
+                    n_meaning="n is each client's sample count as the server weighs it (the task-aware average, "
+                    "ATA's lambda_k); it is a setting of the case, unrelated to the 2 samples of each client's batch",
+                    sgd="plain SGD: theta <- theta - lr * gradient of the loss, from the round's starting point; no "
+                    "momentum, no weight decay, no gradient clipping, no learning-rate schedule, no loss scaling",
+                    task_count="T = 2, the tasks present in the federation (caption, vqa, in the order of the task "
+                    "list), not the four of the task list: CT-MoA has 2 experts, the router 2 outputs, psi^c 1",
+                    sensitivity="L_d is exactly 0 at the first stage-1 step (psi_s starts with a zero last layer, its "
+                    "rows are 0 and the 1e-6 clamp keeps them 0) and about 1 at the second; X_s is divided by its "
+                    "detached row norms (0.05 to 0.43 after the first step), so the second step's L_d gradient is "
+                    "scaled by 1 / ||x_s||: a port that differs in the first step, the clamp or the detach drifts "
+                    "visibly from then on")
     return inputs, outputs, settings
 
 
@@ -339,6 +365,34 @@ def build():
     case("trajectory", "two rounds of the whole method (stage 1, then CT-MoA), each client 2 plain SGD steps, the "
          "server's task-aware average and ATA (M = 1); every upload, private state and download", inputs, outputs,
          **settings)
+    # ATA's identical-client threshold: the plain mean, not the n-weighted one. A heavy client (n 1000)
+    # sits between the others, so the n-weighted mean is near it while the plain mean is pulled toward
+    # the four clients at +R; the largest centred squared norm is then S_p under the plain mean and
+    # S_w < S_p / 2 under the weighted one. Clients 2 and 3 differ by d^2 = 1e-6 sqrt(S_p S_w): identical
+    # under the plain reading, not under the weighted one, so each reading gives other distances and mixing.
+    start = {"lora.a": rnd(2, 3), "lora.b": rnd(4)}
+    dim = 10
+    e1, e2, u = (rnd(dim) for _ in range(3))
+    e1 = e1 / e1.norm()
+    e2 = e2 - (e2 @ e1) * e1
+    e2, u = e2 / e2.norm(), u / u.norm()
+    at = [0 * e1, -e1, e1, e1, e1 + 0.2 * e2, e1 - 0.2 * e2]
+    n = [1000, 1, 2, 3, 1, 2]
+    flat = lambda v: {"lora.a": start["lora.a"] + v[:6].reshape(2, 3), "lora.b": start["lora.b"] + v[6:]}
+    states = [flat(v) for v in at]
+    s_p = max(float(((v - sum(at) / 6) ** 2).sum()) for v in at)
+    w_mean = sum(w * v for w, v in zip(n, at)) / sum(n)
+    s_w = max(float(((v - w_mean) ** 2).sum()) for v in at)
+    assert s_p > 2 * s_w
+    states[3] = flat(at[3] + math.sqrt(1e-6 * math.sqrt(s_p * s_w)) * u)
+    d, A, out = ata(states, n, 2, identical=1e-6)
+    assert d[2, 3] == 0 and distances(states, 1e-6, weights=n)[2, 3] > 1e-4
+    case("ata_threshold", "as ata_ties; clients 2 and 3 differ by d^2 = 1e-6 sqrt(S_p S_w), where S_p and S_w are the "
+         "largest squared norm of a client's Theta minus the plain and the n-weighted mean (S_p > 2 S_w): identical "
+         "under the plain mean (CONVENTIONS ata_identical), not under the n-weighted one",
+         {f"client{k}.{key}": v for k, s_ in enumerate(states) for key, v in s_.items()},
+         {"distances": d, "mixing": A, **{f"out{k}.{key}": v for k, s_ in enumerate(out) for key, v in s_.items()}},
+         n=n, top_m=2)
     return tensors, index
 
 

@@ -26,8 +26,8 @@ import data
 import evaluate
 import features
 import llava
-import run
 from config import Config, final_stage
+from federation import load_model
 
 
 class AskError(ValueError):
@@ -72,7 +72,7 @@ class Model:
         self.cfg = cfg
         self.task, tasks, download, private = load_client(out, cfg, res, client)
         torch.manual_seed(cfg.seed)
-        self.bb, _, _ = run.load_model(cfg, log)
+        self.bb, _, _ = load_model(cfg, log)
         self.conn = evaluate.client_model(self.bb, self.task, download, private, final_stage(cfg), tasks, cfg)
 
     def ask(self, samples):

@@ -6,12 +6,12 @@ and server steps as run.py, carried by Flower's deployment engine instead of a P
     flower-supernode --insecure --superlink HOST:8000 --node-config "client-id=0"   # one per client
     flwr run . pilot-local --stream -c 'clients="0,2" rounds-stage1=1 rounds-stage2=1'
 
-README.md, "Running across machines", has the whole recipe (TLS, SuperNode keys, the roster,
-resume, loopback, the CLI's config.toml).
+docs/deploy.md has the whole recipe (TLS, SuperNode keys, the roster, resume, loopback, the CLI's
+config.toml).
 
 Who holds what:
-    server (ServerApp)  Θ^l_0, every client's current download, the loop (run.federate, the same
-                        as run.py's: rounds, server.server_step, checkpoint and resume, results),
+    server (ServerApp)  Θ^l_0, every client's current download, the loop (federation.federate, the
+                        same as run.py's: rounds, server.server_step, checkpoint and resume, results),
                         the roster: which clients the run has, their tasks and sample counts (from
                         the scenario or the manifest, never from a node) and, with a roster file,
                         which SuperNode key may serve each; a checkpoint in OUT after every round
@@ -46,9 +46,9 @@ import evaluate as evaluation
 import features
 import llava
 import report
-import run
 from client import client_step
 from config import Config, check_config, fault_for, parse_faults, recipe_line, with_defaults
+from federation import federate, load_clients, load_model, open_out
 
 NODE_WAIT_S = 300        # how long the server waits for every client's SuperNode to be admitted
 QUERY_TIMEOUT_S = 120    # how long a node may take to say which client it holds
@@ -101,7 +101,7 @@ def _my_client(context: Context):
     """(cfg, this node's client data): the node's 'client-id' picks its client of the scenario."""
     cfg = config_from(context.run_config)
     cid = _claimed_id(context)
-    cfg, clients = run.load_clients(replace(cfg, clients=[cid]))
+    cfg, clients = load_clients(replace(cfg, clients=[cid]))
     if not clients:
         raise ValueError(f"client-id {cid}: no such client in scenario {cfg.scenario}")
     return cfg, clients[0]
@@ -116,7 +116,7 @@ def _prepare(context: Context, conf):
                            f"{int(conf['n_train'])} training samples; this node holds client {c.id}, {c.task}, "
                            f"{len(c.train)} samples: check the manifest or scenario on both hosts")
     torch.manual_seed(cfg.seed)
-    bb, _, _ = run.load_model(cfg, log=lambda *a: None)
+    bb, _, _ = load_model(cfg, log=lambda *a: None)
     return cfg, bb, features.prepare_client(bb, c, cfg.device, cfg.max_length, log, cfg.features, cfg.features_max_mb)
 
 
@@ -279,19 +279,23 @@ def admit_nodes(grid: Grid, roster_ids, keys):
 
 
 class Fleet:
-    """The fleet run.federate drives on Flower: one admitted SuperNode per client of the roster.
+    """The fleet (federation.Fleet) federate drives on Flower: one admitted SuperNode per client of the roster.
     It trains and evaluates by messages; each client keeps its private state on its own host, so
     the server checkpoints only whether each client's last upload was accepted (the client settles
     its pending state by it) and the token that names this run's state files on the nodes."""
     engine = "flower"
 
-    def __init__(self, grid: Grid, cfg: Config, nodes, ids, tasks_of, n):
+    def __init__(self, grid: Grid, cfg: Config, nodes, ids, tasks_of, n, index=None):
         self.grid, self.cfg, self.nodes, self.ids, self.tasks_of, self.n = grid, cfg, nodes, ids, tasks_of, n
+        self.index = list(ids) if index is None else index    # what each node claims: its scenario or manifest index
         self.tasks = sorted(set(tasks_of), key=data.TASKS.index)
         self.accepted = [True] * len(ids)   # whether each client's last upload was used (its private state follows)
         self.token = secrets.token_hex(6)    # names the clients' state files of this run (and of its resumptions)
 
     def state(self):
+        return {}
+
+    def turn_state(self, k):
         return {}
 
     def progress(self):
@@ -303,11 +307,12 @@ class Fleet:
     def _contents(self, r, stage, downloads):
         return [RecordDict({"download": ArrayRecord(downloads[k]),
                             "config": ConfigRecord({"round": r, "stage": stage, "tasks": self.tasks, "run": self.token,
-                                                    "client": self.ids[k], "task": self.tasks_of[k], "n_train": self.n[k],
+                                                    "client": self.index[k], "task": self.tasks_of[k], "n_train": self.n[k],
                                                     "accepted": self.accepted[k]})})
                 for k in range(len(self.ids))]
 
-    def train(self, r, stage, downloads, uploads, done, commit):
+    def train(self, r, stage, downloads, uploads, done, turn):
+        # every client at once, as Flower sends them; a round interrupted part-way is sent again whole
         log(f"round {r + 1}/{self.cfg.rounds_stage1 + self.cfg.rounds_stage2}: sent to {len(self.ids)} clients")
         replies = _exchange(self.grid, self.nodes, MessageType.TRAIN, self._contents(r, stage, downloads), str(r + 1))
         for k, m in enumerate(replies):
@@ -336,27 +341,27 @@ class Fleet:
 def main(grid: Grid, context: Context):
     t0 = time.time()
     cfg = with_defaults(config_from(context.run_config), log)
-    out, lock, saved = run.open_out(cfg, f"runs/flower-{cfg.scenario}-{cfg.method}-seed{cfg.seed}")
+    out, lock, saved = open_out(cfg, f"runs/flower-{cfg.scenario}-{cfg.method}-seed{cfg.seed}")
     torch.manual_seed(cfg.seed)
-    _, theta0, expected = run.load_model(cfg, log=lambda *a: None)   # Θ^l_0 and the upload shapes
+    _, theta0, expected = load_model(cfg, log=lambda *a: None)   # Θ^l_0 and the upload shapes
     if saved:
         torch.set_rng_state(torch.tensor(saved[0]["rng"], dtype=torch.uint8))
 
     # The roster is the server's: ids, tasks and sample counts from the scenario or the manifest on
     # this host; with a roster file, also the key of the SuperNode that may serve each client.
     roster = llava.roster(cfg.scenario, cfg.data, cfg.clients, cfg.n_train)
-    ids, tasks_of, n = [k for k, _, _ in roster], [t for _, t, _ in roster], [m for _, _, m in roster]
+    index, ids, tasks_of, n = ([r[i] for r in roster] for i in range(4))
     keys = read_roster_keys(context.run_config["roster"]) if context.run_config.get("roster") else None
     if keys is None:
         log("no roster file (run config 'roster'): each SuperNode's client-id is taken on trust; "
             "use this on a closed network only")
-    elif set(ids) - set(keys):
-        raise ValueError(f"roster {context.run_config['roster']}: no key for clients {sorted(set(ids) - set(keys))}")
-    fleet = Fleet(grid, cfg, admit_nodes(grid, ids, keys), ids, tasks_of, n)
+    elif set(index) - set(keys):
+        raise ValueError(f"roster {context.run_config['roster']}: no key for clients {sorted(set(index) - set(keys))}")
+    fleet = Fleet(grid, cfg, admit_nodes(grid, index, keys), ids, tasks_of, n, index)
     log(recipe_line(cfg))
     log(f"scenario {cfg.scenario}, method {cfg.method}, seed {cfg.seed}: clients {ids} on nodes {fleet.nodes}, "
         f"tasks {fleet.tasks}, train sizes {n}")
     try:
-        run.federate(cfg, fleet, theta0, expected, out, saved, log, t0)
+        federate(cfg, fleet, theta0, expected, out, saved, log, t0)
     finally:
         lock.close()

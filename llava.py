@@ -152,13 +152,13 @@ def load_manifest(path, keep=None):
 
 
 def roster(scenario, manifest="", keep=None, n_train=None):
-    """[(index, task, n_train)] of a run's clients, known without reading any client's data: what a
-    server trusts (it weighs FedAvg, the task-aware average and ATA's λ_k by n_train), never what a
-    node says. From the scenario's definition, or from the manifest's per-client "n_train" (its
-    number of training records; load_manifest checks it)."""
+    """[(index, id, task, n_train)] of a run's clients, known without reading any client's data: what
+    a server trusts (it weighs FedAvg, the task-aware average and ATA's λ_k by n_train), never what a
+    node says. From the scenario's definition (id = index), or from the manifest (its client ids and
+    per-client "n_train", its number of training records; load_manifest checks it)."""
     if not manifest:
         specs = data.SCENARIOS[scenario]
-        return [(k, specs[k].task, n_train or specs[k].n_train) for k in (keep if keep is not None else range(len(specs)))]
+        return [(k, k, specs[k].task, n_train or specs[k].n_train) for k in (keep if keep is not None else range(len(specs)))]
     m = read_json(manifest)
     out = []
     for k, c in enumerate(m.get("clients", []) if isinstance(m, dict) else []):
@@ -167,7 +167,7 @@ def roster(scenario, manifest="", keep=None, n_train=None):
         if not isinstance(c.get("n_train"), int) or c["n_train"] < 1:
             raise DataError(f"{manifest}, client {c.get('id', k)!r}: no 'n_train' (its number of training records), "
                             f"which the server needs to weigh its updates")
-        out.append((k, c.get("task"), c["n_train"]))
+        out.append((k, str(c.get("id", k)), c.get("task"), c["n_train"]))
     return out
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+import checkpoint
+
 
 def nbytes(state):
     """Bytes of a state dict's tensors (what a message carries)."""
@@ -55,7 +57,8 @@ def write_results(out: Path, res, log=print):
     res = dict(res, clients=[{k: v for k, v in row.items() if k != "predictions"} for row in res["clients"]])
     table = results_table(res)
     (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps(res, indent=1))
+    # last and atomically: a results.json that exists is a complete run's (compare.py keeps those)
+    checkpoint.atomic_write(out / "results.json", lambda f: f.write(json.dumps(res, indent=1).encode()))
     log("\n" + table + f"\n\nwrote {out}/results.json, results.md, predictions_client_*.jsonl, client_*.safetensors")
     return res
 

@@ -6,206 +6,58 @@ a plain Python loop on one machine, and the server aggregates their uploads betw
     python run.py --scenario B --seed 1 --out runs/b1
     python run.py --help                          # every setting (config.Config) as a flag
 
-The loop (federate) is written once: it drives the rounds, the server's step, the checkpoint and
-resume, the accounting and the results, whoever trains the clients. Here a Simulation trains them
-in this process (client.py's client_step); flower_app.py hands the same loop a fleet of Flower
-SuperNodes on other machines. Writes OUT/results.json, OUT/results.md,
-OUT/predictions_client_<id>.jsonl and OUT/client_<id>.safetensors (each client's final state: what it
-downloaded last plus its private tensors); OUT/state.json + OUT/state-<n>.safetensors is the
-checkpoint --resume continues from.
+This file is the command line and the fleet of clients in this process (Simulation, which trains
+each with client.py's client_step); the loop itself, with the server's step, checkpoints, resume
+and results, is federation.federate, which flower_app.py drives with a fleet of Flower SuperNodes.
+Writes OUT/results.json, OUT/results.md, OUT/predictions_client_<id>.jsonl and
+OUT/client_<id>.safetensors (each client's final state: what it downloaded last plus its private
+tensors); OUT/state.json and the files it names are the checkpoint --resume continues from.
 """
 import argparse
-import fcntl
 import sys
 import time
-from dataclasses import asdict, fields, replace
-from pathlib import Path
+from dataclasses import fields, replace
 
 import torch
 
-import backbone as bbmod
 import checkpoint
 import data
 import evaluate
 import features
 import llava
-import pilot
 import report
-import server
+from backbone import BackboneError, check_checkpoint, checkpoint_dir
 from client import client_step, settle_private
-from config import METHODS, Config, check_config, fault_for, final_stage, parse_faults, recipe, recipe_line, \
-    stage_of, with_defaults
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# the settings a --resume must share with the run it continues
-RESUME_KEYS = ("scenario", "method", "backbone", "seed", "data_seed", "rounds_stage1", "rounds_stage2", "local_steps",
-               "local_epochs", "top_m", "lr_stage1", "lr_stage2", "batch_size", "lora_r", "lora_alpha", "lora_targets",
-               "dtype", "grad_accum", "clients", "n_train", "n_test", "data", "mu", "faults", "norm_screen", "max_length",
-               "lambda_d", "lambda_b", "lambda_z", "grad_clip", "warmup_ratio")
-
-
-# ----------------------------------------------------------------------------- set-up
-def load_model(cfg: Config, log=print):
-    """The frozen backbone with Θ^l installed at its initial value; returns (bb, Θ^l_0, expected),
-    expected being what the server accepts from a client: {key: (shape, dtype)}."""
-    bb = bbmod.load_backbone(cfg.backbone, device=cfg.device, dtype=DTYPES[cfg.dtype], log=log)
-    # Θ^l's initial value is the server's: one seed, the same for every client, so that ATA's
-    # distances measure what local training changed, not initialisation noise.
-    pilot.install_lora(bb.model.model.language_model, cfg.lora_r, cfg.lora_alpha,
-                       targets=tuple(cfg.lora_targets.split(",")), seed=cfg.seed)
-    bb.model.to(cfg.device)
-    if cfg.grad_ckpt:
-        bb.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    theta0 = {k: v.detach().clone().cpu() for k, v in pilot.lora_state(bb.model).items()}
-    # exactly Θ^l's tensors and one projector-shaped task adapter, fp32
-    expected = {**{k: (tuple(v.shape), torch.float32) for k, v in theta0.items()},
-                **{f"task_adapter.{k}": (tuple(v.shape), torch.float32) for k, v in pilot.projector_state(bb.model).items()}}
-    return bb, theta0, expected
-
-
-def load_clients(cfg: Config):
-    """(cfg, the clients cfg keeps, in scenario order): a manifest's, else the synthetic scenario's.
-    A manifest names its scenario, which replaces cfg.scenario."""
-    if cfg.data:
-        name, clients = llava.load_manifest(cfg.data, keep=cfg.clients)
-        return replace(cfg, scenario=name), clients
-    return cfg, data.make_scenario(cfg.scenario, cfg.data_seed, cfg.clients, cfg.n_train, cfg.n_test)
-
-
-def backbone_recipe(cfg: Config):
-    """The tiny backbone's recipe key; None for a checkpoint directory or hub id, which --backbone names itself."""
-    return bbmod.tiny_backbone_key() if cfg.backbone == "tiny" else None
-
-
-def open_out(cfg: Config, default: str):
-    """(OUT, its lock, the checkpoint to resume from or None). One writer per OUT: the kernel drops
-    the lock when the process dies. A --resume first checks that the run in OUT was started with
-    cfg's settings (RESUME_KEYS), raising a CheckpointError that names each one that differs."""
-    out = Path(cfg.out or default)
-    out.mkdir(parents=True, exist_ok=True)
-    lock = open(out / ".lock", "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise checkpoint.CheckpointError(f"{out}: another run is writing there") from None
-    if not cfg.resume:
-        return out, lock, None
-    meta = checkpoint.read_meta(out)
-    default_cfg, now = asdict(Config(backbone=cfg.backbone)), asdict(cfg)
-    saved = {k: meta["config"].get(k, default_cfg.get(k)) for k in RESUME_KEYS}
-    differ = [f"{k} (saved {saved[k]!r}, now {now.get(k)!r})" for k in RESUME_KEYS if saved[k] != now.get(k)]
-    recipe_key = backbone_recipe(cfg)   # 'tiny' after a change of its recipe is another backbone
-    if meta.get("backbone_recipe", recipe_key) != recipe_key:
-        differ.append(f"the tiny backbone's recipe (saved {meta['backbone_recipe']!r}, now {recipe_key!r})")
-    if differ:
-        raise checkpoint.CheckpointError(f"--resume: the run in {out} was started with other settings: " + ", ".join(differ))
-    return out, lock, checkpoint.load(out)
-
-
-# ----------------------------------------------------------------------------- the loop
-def federate(cfg: Config, fleet, theta0, expected, out: Path, saved=None, log=print, t0=None):
-    """The federated run of cfg.method, round by round, with `fleet` training the clients. Each
-    round: every client trains from its download (fleet.train), the server screens and aggregates
-    the uploads into the next downloads (server.server_step), each client keeps or rolls back its
-    private state by the verdict (fleet.settle), and the federation state is checkpointed. Then
-    every client is evaluated with what it downloaded last plus its private tensors. saved: the
-    checkpoint to continue from (open_out). Writes and returns results.json's content."""
-    t0 = t0 or time.time()
-    communicates = METHODS[cfg.method].text_agg != "none"   # Local sends and receives nothing
-    rounds = cfg.rounds_stage1 + cfg.rounds_stage2
-    K = len(fleet.ids)
-    if saved:
-        meta, groups = saved
-        p = meta["progress"]
-        downloads, uploads = groups["downloads"], groups["uploads"]
-        fleet.restore(groups, p)
-        r0, done, bytes_up, bytes_down = p["round"], p["done"], p["bytes_up"], p["bytes_down"]
-        history, trainable, upload_params, losses = p["history"], p["trainable"], p["upload_params"], p["losses"]
-        elapsed, ata_log = p["elapsed"], p["ata"]
-        log(f"resumed from {out}/state.json: round {r0 + 1}, clients done in it {[fleet.ids[k] for k in done]}")
-    else:
-        downloads, uploads = [dict(theta0) for _ in range(K)], [None] * K
-        r0, done, losses, history, trainable, upload_params, elapsed, ata_log = 0, [], [], [], 0, 0, 0.0, []
-        bytes_up, bytes_down = 0, sum(report.nbytes(d) for d in downloads) if communicates else 0
-
-    def commit(r, done):
-        progress = {"round": r, "done": list(done), "bytes_up": bytes_up, "bytes_down": bytes_down, "history": history,
-                    "trainable": trainable, "upload_params": upload_params, "losses": losses,
-                    "elapsed": elapsed + time.time() - t0, "ata": ata_log, **fleet.progress()}
-        checkpoint.save(out, {"config": asdict(cfg), "backbone_recipe": backbone_recipe(cfg), "engine": fleet.engine,
-                              "progress": progress}, {"downloads": downloads, "uploads": uploads, **fleet.state()})
-
-    if not saved:
-        commit(0, [])
-    for r in range(r0, rounds):
-        stage, tr = stage_of(cfg, r), time.time()
-        stats, note = fleet.train(r, stage, downloads, uploads, done, lambda: commit(r, done))
-        for st in stats:
-            losses.append(st["loss_last"])
-            trainable = max(trainable, int(st["trainable_params"]))
-            upload_params = max(upload_params, int(st["upload_params"]))
-        ata_did = {}
-        sent = [u for u in uploads if u is not None]
-        ru = sum(report.nbytes(u) for u in sent) if communicates else 0
-        downloads, accepted = server.server_step(uploads, downloads, fleet.tasks_of, fleet.n, expected, cfg,
-                                                 fleet.ids, log, ata_did)
-        fleet.settle(accepted)
-        rd = sum(report.nbytes(d) for d in downloads) if communicates else 0
-        bytes_up, bytes_down = bytes_up + ru, bytes_down + rd
-        line = (f"round {r + 1}/{rounds} (stage {stage}): mean last loss {sum(losses) / max(1, len(losses)):.3f}, "
-                f"up {ru / 1e6:.2f} MB, down {rd / 1e6:.2f} MB, {time.time() - tr:.1f} s{note}")
-        if "neighbours" in ata_did:
-            ata_log.append({"round": r + 1, **server.ata_record(ata_did["neighbours"], fleet.tasks_of,
-                                                                ata_did["weights"], fleet.ids)})
-            line += f", ATA neighbours of the client's own task {ata_log[-1]['same_task_mean']:.2f}"
-        if r < rounds - 1 and (cfg.eval_every_round or cfg.test_loss_every_round):
-            rows = fleet.evaluate(downloads, stage, scores=cfg.eval_every_round)
-            entry = dict(zip(("per_task", "average"), report.summarise_rows(rows, fleet.tasks))) \
-                if cfg.eval_every_round else {}
-            per_task_ce, average_ce = report.summarise_rows(rows, fleet.tasks, "test_ce", 4)
-            history.append({"round": r + 1, **entry, "per_task_ce": per_task_ce, "average_ce": average_ce})
-            line += (f", average score {entry['average']:.1f}" if entry else "") + f", test loss {average_ce:.3f}"
-        log(line)
-        uploads, done, losses = [None] * K, [], []
-        commit(r + 1, [])
-
-    # the connector of the last round trained, also when a resumed run has no round left to train
-    rows = fleet.evaluate(downloads, final_stage(cfg), scores=True)
-    per_task, average = report.summarise_rows(rows, fleet.tasks)
-    per_task_ce, average_ce = report.summarise_rows(rows, fleet.tasks, "test_ce", 4)
-    history.append({"round": rounds, "per_task": per_task, "average": average, "per_task_ce": per_task_ce,
-                    "average_ce": average_ce})
-    res = {"scenario": cfg.scenario, "seed": cfg.seed, "method": cfg.method, "backbone": cfg.backbone,
-           "engine": fleet.engine, "clients": rows, "per_task": per_task, "average": average,
-           "per_task_ce": per_task_ce, "average_ce": average_ce, "bytes_up": bytes_up, "bytes_down": bytes_down,
-           "wall_s": round(elapsed + time.time() - t0, 1),
-           "rounds": history if cfg.eval_every_round or cfg.test_loss_every_round else history[-1:],
-           "trainable_params": trainable, "communicated_params": upload_params if communicates else 0,
-           "ata": ata_log, "recipe": recipe(cfg), "config": asdict(cfg)}
-    fleet.save(out, downloads)
-    return report.write_results(out, res, log)
+from config import METHODS, Config, check_config, fault_for, is_tiny, parse_faults, recipe_line, with_defaults
+from federation import federate, load_clients, load_model, open_out
 
 
 # ----------------------------------------------------------------------------- the clients, in this process
 class Simulation:
-    """The fleet of run.py: every client's encoded data and private state in this process, trained
-    one after another. Centralized ("pooled") trains one client holding the union of every client's
-    training data, with the federation's total number of steps, and evaluates that one model on
-    each client's own test set."""
+    """The fleet of run.py (a federation.Fleet): every client's encoded data and private state in
+    this process, trained one after another. The pooled bounds train instead one model on the union
+    of several clients' training data, with those clients' total number of steps, and evaluate it on
+    each of those clients' own test sets: Centralized one model for every client, centralized-task
+    one per task."""
     engine = "run.py"
 
     def __init__(self, bb, cts, cfg: Config, log=print):
         self.bb, self.cts, self.cfg, self.log = bb, cts, cfg, log
         self.tasks = sorted({ct.task for ct in cts}, key=data.TASKS.index)
         self.faults = parse_faults(cfg.faults)
-        self.pooled = METHODS[cfg.method].pooled
-        if self.pooled:   # its task is "all"; K x --local-steps a round (with whole epochs, an epoch of the union)
-            self.trainers = [features.ClientTensors(-1, "all", torch.cat([ct.h_train for ct in cts]),
-                                                    features.Tokens(i for ct in cts for i in ct.items_train),
-                                                    cts[0].h_test[:0], features.Tokens(), [])]
-            self.train_cfg, self.train_tasks = replace(cfg, local_steps=cfg.local_steps * len(cts)), ["all"]
+        pooled = METHODS[cfg.method].pooled
+        if pooled:
+            # "all": one trainer of task "all", id -1; "task": one per task, id -2 - its index in data.TASKS
+            groups = {"all": cts} if pooled == "all" else {t: [ct for ct in cts if ct.task == t] for t in self.tasks}
+            self.trainers = [features.pool(group, task, -1 if task == "all" else -2 - data.TASKS.index(task))
+                             for task, group in groups.items()]
+            # the pooled clients' steps together: K x --local-steps a round (whole epochs: an epoch of the union)
+            self.train_cfgs = [replace(cfg, local_steps=cfg.local_steps * len(group)) for group in groups.values()]
+            self.train_tasks = ["all"] if pooled == "all" else self.tasks
         else:
-            self.trainers, self.train_cfg, self.train_tasks = cts, cfg, self.tasks
+            self.trainers, self.train_cfgs, self.train_tasks = cts, [cfg] * len(cts), self.tasks
+        self.trainer_of = [next(i for i, t in enumerate(self.trainers) if t.task in ("all", ct.task)) if pooled else k
+                           for k, ct in enumerate(cts)]     # which trainer's model each client is evaluated with
         self.ids = [ct.id for ct in self.trainers]
         self.tasks_of = [ct.task for ct in self.trainers]
         self.n = [len(ct.items_train) for ct in self.trainers]
@@ -213,36 +65,38 @@ class Simulation:
         self.pending = [{} for _ in self.trainers]   # this round's private states, kept only if the upload is accepted
 
     def state(self):
-        return {"private": self.private, "pending": self.pending}
+        return {"private": self.private}
+
+    def turn_state(self, k):
+        return {"pending": self.pending[k]}
 
     def progress(self):
         return {}
 
     def restore(self, groups, progress):
         self.private = [p or {} for p in groups["private"]]
-        self.pending = [p or {} for p in groups["pending"]]
+        self.pending = [p or {} for p in groups.get("pending") or [{}] * len(self.trainers)]
 
-    def train(self, r, stage, downloads, uploads, done, commit):
-        """Every client not yet done in round r, one after another; each upload lands in uploads[k]
-        and the client in done (checkpointed after each with --checkpoint client)."""
+    def train(self, r, stage, downloads, uploads, done, turn):
+        """Every client not yet done in round r, one after another; each upload lands in uploads[k],
+        the client in done, and turn(k) checkpoints it (with --checkpoint client)."""
         stats = []
         for k, ct in enumerate(self.trainers):
             if k in done:
                 continue
             report.reset_peak_memory(self.cfg.device)
             uploads[k], self.pending[k], st = client_step(self.bb, ct, downloads[k], self.private[k], stage,
-                                                          self.train_tasks, self.train_cfg, r,
+                                                          self.train_tasks, self.train_cfgs[k], r,
                                                           fault_for(self.faults, ct.id, r))
             stats += [st] if st else []
             rss, cuda = report.peak_memory(self.cfg.device)
             trained = (f"{st['steps']} steps, loss {st['loss_first']:.3f} -> {st['loss_last']:.3f}, "
                        f"{st['seconds']:.1f} s" if st else "failed, no upload")
-            who = f"client {ct.id}" if ct.id >= 0 else "the pooled client"
+            who = "the pooled client" if isinstance(ct.id, int) and ct.id < 0 else f"client {ct.id}"
             self.log(f"  {who} ({ct.task}) round {r + 1}: {trained}; peak memory {rss or 0:.0f} MB resident"
                      + (f", {cuda:.0f} MB CUDA" if cuda else ""))
             done.append(k)
-            if self.cfg.checkpoint == "client":
-                commit()
+            turn(k)
         return stats, ""
 
     def settle(self, accepted):
@@ -250,13 +104,15 @@ class Simulation:
         self.pending = [{} for _ in self.trainers]
 
     def _as_evaluated(self, downloads):
-        """Each client's download and private state as it is evaluated (Centralized: the one model,
-        its adapter read as each client's task adapter)."""
-        if not self.pooled:
-            return downloads, self.private
-        one = lambda task: {(f"global_task_adapter.{task}." + k.split(".", 2)[2]
-                             if k.startswith("global_task_adapter.") else k): v for k, v in downloads[0].items()}
-        return [one(ct.task) for ct in self.cts], [self.private[0]] * len(self.cts)
+        """Each client's download and private state as it is evaluated: its own, or its pooled
+        trainer's (Centralized's one adapter read as each client's task adapter)."""
+        def of(ct, d):
+            if not d or self.tasks_of[0] != "all":
+                return d
+            return {(f"global_task_adapter.{ct.task}." + k.split(".", 2)[2] if k.startswith("global_task_adapter.")
+                     else k): v for k, v in d.items()}
+        return ([of(ct, downloads[t]) for ct, t in zip(self.cts, self.trainer_of)],
+                [self.private[t] for t in self.trainer_of])
 
     def evaluate(self, downloads, stage, scores=True):
         downloads, private = self._as_evaluated(downloads)
@@ -275,17 +131,19 @@ def run(cfg: Config, log=print):
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     cfg = with_defaults(cfg, log)
+    if not is_tiny(cfg.backbone) and not cfg.allow_download:   # a broken checkpoint fails here, before OUT is made
+        check_checkpoint(checkpoint_dir(cfg.backbone), cfg.backbone)
     out, lock, saved = open_out(cfg, f"runs/scenario-{cfg.scenario}-{cfg.method}-seed{cfg.seed}")
-    log(recipe_line(cfg))
-    bb, theta0, expected = load_model(cfg, log)
-    cfg, clients = load_clients(cfg)
-    cts = [features.prepare_client(bb, c, cfg.device, cfg.max_length, log, cfg.features, cfg.features_max_mb)
-           for c in clients]
-    del clients     # the training samples are encoded in cts: their text and images need no memory now
-    fleet = Simulation(bb, cts, cfg, log)
-    log(f"scenario {cfg.scenario}, method {cfg.method}, seed {cfg.seed}: clients {[ct.id for ct in cts]}, "
-        f"tasks {fleet.tasks}, train sizes {[len(ct.items_train) for ct in cts]}")
     try:
+        log(recipe_line(cfg))
+        bb, theta0, expected = load_model(cfg, log)
+        cfg, clients = load_clients(cfg)
+        cts = [features.prepare_client(bb, c, cfg.device, cfg.max_length, log, cfg.features, cfg.features_max_mb)
+               for c in clients]
+        del clients     # the training samples are encoded in cts: their text and images need no memory now
+        fleet = Simulation(bb, cts, cfg, log)
+        log(f"scenario {cfg.scenario}, method {cfg.method}, seed {cfg.seed}: clients {[ct.id for ct in cts]}, "
+            f"tasks {fleet.tasks}, train sizes {[len(ct.items_train) for ct in cts]}")
         return federate(cfg, fleet, theta0, expected, out, saved, log, t0)
     finally:
         lock.close()
@@ -359,7 +217,7 @@ def main(argv=None, prog="run.py"):
     cfg, _ = parse_config(argv)
     try:
         run(cfg)
-    except (checkpoint.CheckpointError, llava.DataError) as e:
+    except (checkpoint.CheckpointError, llava.DataError, BackboneError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)   # one line, exit 2, as for a bad command line
         raise SystemExit(2)
 

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 import backbone
+import tiny
 import config
 import data
 import evaluate
 import features
+import federation
 import llava
 import run
 
@@ -23,10 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def hf_checkpoint(tmp_path_factory):
     """A random-weight LLaVA in Hugging Face format: real tokenizer and CLIP image processor files."""
     path = tmp_path_factory.mktemp("llava-hf")
-    tok = backbone.tiny_tokenizer()
-    backbone.tiny_model(tok, seed=3).save_pretrained(path)
+    tok = tiny.tiny_tokenizer()
+    tiny.tiny_model(tok, seed=3).save_pretrained(path)
     tok.save_pretrained(path)
-    backbone.tiny_image_processor().save_pretrained(path)
+    tiny.tiny_image_processor().save_pretrained(path)
     return path
 
 
@@ -193,13 +195,13 @@ def test_vqa_answer_lists_reach_the_metric(tmp_path):
 
 
 def test_prompt_comes_from_the_chat_template_when_there_is_one(tmp_path):
-    tok = backbone.tiny_tokenizer()
+    tok = tiny.tiny_tokenizer()
     tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"
                          "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
                          "{% endif %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}")
-    backbone.tiny_model(tok, seed=3).save_pretrained(tmp_path)
+    tiny.tiny_model(tok, seed=3).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    backbone.tiny_image_processor().save_pretrained(tmp_path)
+    tiny.tiny_image_processor().save_pretrained(tmp_path)
     bb = backbone.load_backbone(str(tmp_path))
     assert bb.prompt == "USER: <image>\n{question} ASSISTANT:"
     s = data.Sample(None, "what colour is the circle?", "red", "vqa")
@@ -271,14 +273,14 @@ def test_loss_weights_are_settings_recorded_and_checked_on_resume():
     cfg, _ = run.parse_config(["--lambda-d", "0.5", "--lambda-b", "0.2", "--lambda-z", "0"])
     assert (cfg.lambda_d, cfg.lambda_b, cfg.lambda_z) == (0.5, 0.2, 0.0)
     assert run.parse_config([])[0].lambda_d == 0.1 and run.parse_config([])[0].lambda_z == 0.01
-    assert {"lambda_d", "lambda_b", "lambda_z"} <= set(run.RESUME_KEYS)
+    assert not {"lambda_d", "lambda_b", "lambda_z"} & set(federation.RESUME_MAY_DIFFER)   # a resume keeps them
 
 
 def test_the_servers_roster_comes_from_the_scenario_or_the_manifest_never_from_data_files(exported, tmp_path):
-    assert llava.roster("B", keep=[1, 6]) == [(1, "caption", 100), (6, "ocr", 400)]
-    assert llava.roster("A", keep=[4], n_train=8) == [(4, "grounding", 8)]
+    assert llava.roster("B", keep=[1, 6]) == [(1, 1, "caption", 100), (6, 6, "ocr", 400)]
+    assert llava.roster("A", keep=[4], n_train=8) == [(4, 4, "grounding", 8)]
     # an exported manifest records each client's training-sample count; the roster reads only the manifest
-    assert llava.roster("", str(exported)) == [(0, "caption", 6), (1, "vqa", 6)]
+    assert llava.roster("", str(exported)) == [(0, "c0", "caption", 6), (1, "c2", "vqa", 6)]
     m = json.loads(exported.read_text())
     m["clients"][1]["n_train"] = 7          # a manifest that disagrees with its client's file
     wrong = exported.with_name("wrong.json")

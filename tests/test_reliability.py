@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import aggregate
 import backbone
 import checkpoint
+import federation
 import run
 import server
 from config import METHODS, Config
@@ -132,17 +133,94 @@ def test_kill_and_resume_ends_exactly_like_an_uninterrupted_run(small_backbone_d
         assert ta.keys() == tb.keys() and all(torch.equal(ta[key], tb[key]) for key in ta)
 
 
-def test_round_checkpoints_are_written_after_each_aggregation_only(small_backbone_dir, tmp_path, monkeypatch):
-    written, save = [], checkpoint.save
-    monkeypatch.setattr(checkpoint, "save", lambda out, meta, groups: (written.append(meta["progress"]), save(out, meta, groups)))
+def test_checkpoints_write_the_round_once_per_aggregation_and_each_turn_alone(small_backbone_dir, tmp_path, monkeypatch):
+    written, save_round, save_turn = [], checkpoint.save_round, checkpoint.save_turn
+    monkeypatch.setattr(checkpoint, "save_round", lambda out, meta, groups: (
+        written.append(("round", meta["progress"]["round"], meta["progress"]["done"], sorted(groups))),
+        save_round(out, meta, groups)))
+    monkeypatch.setattr(checkpoint, "save_turn", lambda out, meta, k, states: (
+        written.append(("turn", meta["progress"]["round"], meta["progress"]["done"], k, sorted(states),
+                        sorted({key.split(".")[0] for key in states["uploads"]}))),
+        save_turn(out, meta, k, states)))
     base = dict(clients=[0, 2], n_train=8, n_test=2, batch_size=4, rounds_stage1=1, rounds_stage2=1, top_m=1,
                 backbone=str(small_backbone_dir))
     run.run(Config(**base, out=str(tmp_path / "round")), log=lambda *a: None)    # the tiny preset's "round"
-    assert [(p["round"], p["done"]) for p in written] == [(0, []), (1, []), (2, [])]
+    shared = ["downloads", "private"]
+    assert written == [("round", r, [], shared) for r in (0, 1, 2)]
     written.clear()
     run.run(Config(**base, checkpoint="client", out=str(tmp_path / "client")), log=lambda *a: None)
-    assert [(p["round"], p["done"]) for p in written] == [(0, []), (0, [0]), (0, [0, 1]), (1, []), (1, [0]), (1, [0, 1]),
-                                                          (2, [])]
+    # a client's turn writes its upload and its new private state, nothing of the other clients
+    turn = lambda r, done, k: ("turn", r, done, k, ["pending", "uploads"], ["lora", "task_adapter"])
+    assert written == [("round", 0, [], shared), turn(0, [0], 0), turn(0, [0, 1], 1), ("round", 1, [], shared),
+                       turn(1, [0], 0), turn(1, [0, 1], 1), ("round", 2, [], shared)]
+    # after the last aggregation only the round's file is left, named with its size and hash
+    meta = json.loads((tmp_path / "client" / "state.json").read_text())
+    assert meta["turns"] == {} and sorted(f.name for f in (tmp_path / "client").glob("*-*.safetensors")) == \
+        [meta["round_file"]["file"]]
+
+
+class Killed(BaseException):
+    """The process dies here (raised by a patched write, caught by the test)."""
+
+
+@pytest.mark.parametrize("where", [
+    "a turn's file half-written", "a turn's file written, not yet named by state.json",
+    "the round's file written, not yet named by state.json", "state.json written, old files not yet removed"])
+def test_a_kill_at_any_write_of_the_checkpoint_resumes_to_identical_tensors(small_backbone_dir, tmp_path, monkeypatch,
+                                                                          where):
+    """The per-turn layout's own kill points, each hit in stage 2 (the second round) of a run that
+    checkpoints after every client, then --resume: the results and every final tensor are the
+    uninterrupted run's."""
+    base = Config(clients=[0, 2, 4], n_train=8, n_test=3, batch_size=4, rounds_stage1=1, rounds_stage2=1, top_m=1,
+                  checkpoint="client", backbone=str(small_backbone_dir))
+    ref = run.run(replace(base, out=str(tmp_path / "ref")), log=lambda *a: None)
+    atomic_write, seen = checkpoint.atomic_write, []
+
+    def dying_write(path, write):
+        kind = "state" if path.name == "state.json" else path.name.split("-")[0]
+        seen.append(kind)
+        # the second round's first turn (or its aggregation), after the first round's writes
+        hit = {"a turn's file half-written": kind == "turn" and seen.count("turn") == 4,
+               "a turn's file written, not yet named by state.json": kind == "turn" and seen.count("turn") == 4,
+               "the round's file written, not yet named by state.json": kind == "round" and seen.count("round") == 3,
+               "state.json written, old files not yet removed": kind == "state" and seen.count("round") == 3}[where]
+        if hit and where == "a turn's file half-written":
+            with open(path.with_name(f".{path.name}.tmp"), "wb") as f:
+                f.write(b"\0" * 100)
+            raise Killed
+        atomic_write(path, write)
+        if hit:
+            raise Killed
+    monkeypatch.setattr(checkpoint, "atomic_write", dying_write)
+    with pytest.raises(Killed):
+        run.run(replace(base, out=str(tmp_path / "killed")), log=lambda *a: None)
+    monkeypatch.setattr(checkpoint, "atomic_write", atomic_write)
+    assert not (tmp_path / "killed" / "results.json").exists()
+    logs = []
+    res = run.run(replace(base, out=str(tmp_path / "killed"), resume=True), log=logs.append)
+    assert any(line.startswith("resumed from") for line in logs)
+    assert res["clients"] == ref["clients"] and res["bytes_up"] == ref["bytes_up"] and res["bytes_down"] == ref["bytes_down"]
+    for k in (0, 2, 4):
+        a, b = (load_file(str(tmp_path / d / f"client_{k}.safetensors")) for d in ("ref", "killed"))
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_a_turn_writes_a_fraction_of_what_a_whole_checkpoint_writes(small_backbone_dir, tmp_path):
+    """The bytes a client's turn writes against the round's file: one client's upload and private
+    state against every client's download and private state."""
+    out = tmp_path / "sizes"
+    cfg = Config(clients=[0, 1, 2, 3, 4, 5], n_train=8, n_test=2, batch_size=4, rounds_stage1=1, rounds_stage2=1,
+                 top_m=1, checkpoint="client", backbone=str(small_backbone_dir), out=str(out))
+    sizes, save_turn = [], checkpoint.save_turn
+
+    def measured(out_, meta, k, states):
+        save_turn(out_, meta, k, states)
+        sizes.append(json.loads((out_ / "state.json").read_text())["turns"][str(k)]["size"])
+    import unittest.mock
+    with unittest.mock.patch.object(checkpoint, "save_turn", measured):
+        run.run(cfg, log=lambda *a: None)
+    round_size = json.loads((out / "state.json").read_text())["round_file"]["size"]
+    assert len(sizes) == 12 and max(sizes) < round_size / 3, (sizes, round_size)
 
 
 def test_a_rejected_round_rolls_the_clients_private_state_back(small_backbone_dir, tmp_path):
@@ -175,8 +253,8 @@ def test_a_rejected_round_rolls_the_clients_private_state_back(small_backbone_di
 
 
 def _resumed(out, cfg):
-    """The checkpoint a --resume of cfg in out continues from (run.open_out), or its CheckpointError."""
-    return run.open_out(replace(cfg, out=str(out), resume=True), "")[2]
+    """The checkpoint a --resume of cfg in out continues from (federation.open_out), or its CheckpointError."""
+    return federation.open_out(replace(cfg, out=str(out), resume=True), "")[2]
 
 
 def test_resume_refuses_other_settings_and_corrupted_checkpoints(small_backbone_dir, tmp_path):
@@ -202,10 +280,43 @@ def test_resume_refuses_other_settings_and_corrupted_checkpoints(small_backbone_
     (out / "state.json").write_text(json.dumps(dict(tiny, backbone_recipe=backbone.tiny_backbone_key())))
     assert _resumed(out, replace(cfg, backbone="tiny"))
     (out / "state.json").write_text(json.dumps(meta))
-    tensors = out / meta["tensors"]
+    tensors = out / meta["round_file"]["file"]
     tensors.write_bytes(tensors.read_bytes()[:-10])                   # truncated
     with pytest.raises(checkpoint.CheckpointError, match="corrupted or truncated"):
         run.run(replace(cfg, resume=True), log=lambda *a: None)
+    (out / "state.json").write_text(json.dumps(dict(meta, format="pilot-checkpoint-1")))
+    with pytest.raises(checkpoint.CheckpointError, match="a checkpoint of another format"):
+        run.run(replace(cfg, resume=True), log=lambda *a: None)
+
+
+def _another(value, name):
+    """A value of the same kind as value, not equal to it."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + ",x" if name == "lora_targets" else value + "x"
+    return [7] if value is None or isinstance(value, list) else None
+
+
+def test_resume_compares_every_setting_but_a_declared_few():
+    """A Config field nobody listed is compared: a --resume that changes it is refused by name. Only
+    where the run writes and on what device, where the backbone's files come from, how often it
+    checkpoints, where H_v lives and the evaluation's extras may change."""
+    assert set(federation.RESUME_MAY_DIFFER) == {"out", "device", "allow_download", "resume", "checkpoint", "grad_ckpt", "features",
+                                                 "features_max_mb", "eval_batch_size", "eval_every_round",
+                                                 "test_loss_every_round"}
+    from dataclasses import asdict, fields
+    cfg = Config(clients=[0, 2], n_train=8, top_m=1)
+    saved = asdict(cfg)
+    for f in fields(Config):
+        changed = replace(cfg, **{f.name: _another(getattr(cfg, f.name), f.name)})
+        named = [d.split(" (")[0] for d in federation.resume_differences(saved, changed)]
+        if f.name in federation.RESUME_MAY_DIFFER:
+            assert named == [], (f.name, named)
+        else:
+            assert f.name in named, f.name
 
 
 def test_faults_nan_and_scale_are_rejected_drop_is_survived(small_backbone_dir, tmp_path):
@@ -238,7 +349,7 @@ def test_peak_memory_does_not_grow_with_the_clients_trained(small_backbone_dir, 
     (["--top-m", "6"], "--top-m 6: must be at least 1 and below the number of clients (6)"),
     (["--out", "/nonexistent-parent/x"], "the parent directory /nonexistent-parent does not exist"),
     (["--backbone", "BACKBONE_DIR"], "not a LLaVA checkpoint"),
-    (["--faults", "client=x:nan"], "--faults 'client=x:nan': expected"),
+    (["--faults", "client=2:melt"], "--faults 'client=2:melt': expected"),
     (["--checkpoint", "sometimes"], "--checkpoint sometimes: expected one of client, round"),
     (["--data", "README.md"], "README.md: not valid JSON"),
 ])

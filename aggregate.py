@@ -5,6 +5,7 @@ exception: mix(..., inplace=True), which the server uses to hold the uploads onl
     task_aware_visual(...)   task-aware visual aggregation: one global task adapter per task
     adaptive_text(...)       ATA: a personalised text adapter Θ̄^l_k for every client k
     fedavg(...)              sample-count-weighted average (FedIT-style baselines, ablations)
+    task_fedavg_matrix(...)  FedAvg within each task (the fedavg-task baseline's text adapters)
 
 Every aggregation here is a mixing matrix A (K x K) applied tensor by tensor:
 out_k = Σ_j A[k, j] state_j. Writing it that way keeps each rule a few lines of arithmetic on K
@@ -50,12 +51,26 @@ def fedavg(states, n):
     return mix(states, fedavg_matrix(n)[:1])[0]
 
 
-def task_aware_visual(task_adapters, tasks, n):
+def task_fedavg_matrix(tasks_of, n):
+    """Row k = the sample-count weights of the clients of k's own task: each client receives the
+    average of its task's clients, and nothing from another task."""
+    K = len(n)
+    A = torch.zeros(K, K, dtype=torch.float64)
+    for k in range(K):
+        same = [j for j in range(K) if tasks_of[j] == tasks_of[k]]
+        total = sum(n[j] for j in same)
+        for j in same:
+            A[k, j] = n[j] / total
+    return A
+
+
+def task_aware_visual(task_adapters, tasks_of, n):
     """Task-aware visual aggregation: for each task τ, the sample-count-weighted average of the
-    uploaded task adapters of that task's clients only. Returns {task: state dict}."""
+    uploaded task adapters of that task's clients only (tasks_of: each adapter's client's task).
+    Returns {task: state dict}."""
     out = {}
-    for tau in sorted(set(tasks)):
-        idx = [k for k, t in enumerate(tasks) if t == tau]
+    for tau in sorted(set(tasks_of)):
+        idx = [k for k, t in enumerate(tasks_of) if t == tau]
         out[tau] = fedavg([task_adapters[k] for k in idx], [n[k] for k in idx])
     return out
 
@@ -92,7 +107,7 @@ def nearest(d, top_m):
 
 
 def ata_matrix(d, n, top_m):
-    """ATA's mixing matrix. [reading] PILOT_METHOD.md, "Server aggregation":
+    """ATA's mixing matrix. [reading] docs/METHOD.md, "Server: adaptive text aggregation (ATA)":
         Θ̄_k = λ_k Θ_k + (1 − λ_k) Σ_{j∈N_M(k)} w_kj Θ_j
         N_M(k): the M clients j ≠ k nearest to k (ties by client index)
         w_kj = (1/d_kj) / Σ_{i∈N_M(k)} (1/d_ki),   λ_k = n_k / (n_k + Σ_{j∈N_M(k)} n_j)

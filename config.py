@@ -3,8 +3,9 @@ The settings of a run, in one place: Config (every field a flag of run.py), the 
 its None fields (the embedded benchmark's schedule for the tiny backbone, the paper's recipe for a
 LLaVA checkpoint), and the methods, as switches over one implementation.
 
-This module sits below every other module of the run (it imports only data, llava and pilot), so
-that the client side, the server side, the evaluation and the loop can all read the settings.
+It imports only data, llava and pilot (the definitions the checks read: scenarios, manifests, LoRA
+targets), never the client, the server, the evaluation or the loop, so that all of those can import
+the settings without a cycle.
 """
 import json
 from dataclasses import dataclass, replace
@@ -16,9 +17,9 @@ import pilot
 
 # ----------------------------------------------------------------------------- presets
 # Config's None fields come from the backbone's preset. "tiny": the embedded benchmark, in the
-# federated-learning convention (PILOT_METHOD.md, Schedule): every client takes the same number of
+# federated-learning convention (docs/METHOD.md, "Schedule"): every client takes the same number of
 # steps per round, many short rounds, one learning-rate schedule over the whole run. "real": the
-# paper's recipe for a LLaVA-1.5 checkpoint (PILOT_METHOD.md, Paper-scale optimisation).
+# paper's recipe for a LLaVA-1.5 checkpoint (docs/METHOD.md, "The paper's recipe").
 PRESETS = {
     "tiny": dict(rounds_stage1=4, rounds_stage2=16, local_steps=10, lora_r=8, lora_alpha=16.0, lr_stage1=3e-3,
                  lr_stage2=3e-3, batch_size=8, grad_accum=1, warmup_ratio=0.03, dtype="fp32", max_length=2048,
@@ -33,10 +34,15 @@ REAL_SOURCES = {
     "rounds_stage2": "reading: see rounds_stage1",
     "local_steps": "paper: E = 1 local epoch per round (0: whole epochs)",
     "lora_r": "paper", "lora_alpha": "paper", "lr_stage1": "paper", "lr_stage2": "paper",
-    "batch_size": "paper", "grad_accum": "paper", "dtype": "paper", "max_length": "paper",
+    "batch_size": "paper", "grad_accum": "paper", "max_length": "paper",
+    "dtype": "paper: bf16 (on a GPU)",
     "warmup_ratio": "paper: 3% warm-up; reading: of one cosine schedule over a client's steps of the whole run",
     "checkpoint": "ours: the federation state after every client (a 7B client round is long)",
 }
+# On the CPU the real preset's frozen weights are fp32 unless --dtype says otherwise: bf16 matrix
+# products run many times slower than fp32 there (bench.py --rehearse measures both), and a CPU run of
+# a checkpoint is a rehearsal, not the paper's GPU run.
+CPU_DTYPE_SOURCE = "ours: fp32 on the CPU, where bf16 is many times slower (the paper's bf16 is for a GPU)"
 # The tiny preset's values are the embedded benchmark's definition (README, "The embedded benchmark").
 TINY_SOURCE = "benchmark"
 
@@ -58,6 +64,7 @@ class Config:
     seed: int = 0               # seeds the training: the adapters' initial values and the batch order
     data_seed: int = 0          # draws the synthetic world: 0, the benchmark's, whatever the seed
     backbone: str = "tiny"      # "tiny" (shipped) or a LLaVA checkpoint directory / hub id
+    allow_download: bool = False   # let a hub id missing from the local cache be downloaded (nothing is, by default)
     data: str = ""              # a scenario manifest of LLaVA-format data (default: the synthetic scenario)
     out: str = ""
     device: str = "cpu"
@@ -90,7 +97,7 @@ class Config:
     # every client's test loss (teacher-forced) after every round, without generating answers: the
     # round-by-round curve of a comparison (about 1.2 s a round for Scenario A's 6 x 400 test samples)
     test_loss_every_round: bool = False
-    # where H_v lives: "memory", "disk" (cache file, memory-mapped), "auto" (features.py)
+    # where H_v lives: "memory", "disk" (cache file, memory-mapped), "auto", or "stream" (computed per batch; features.py)
     features: str = "auto"
     features_max_mb: float = 1024.0      # "auto": a client's H_v above this many MB goes to the disk cache
     # reliability
@@ -104,6 +111,8 @@ class Config:
     n_test: int = None
 
     def __post_init__(self):
+        if self.dtype is None and preset_name(self.backbone) == "real" and self.device == "cpu":
+            self.dtype = "fp32"    # CPU_DTYPE_SOURCE
         for key, value in PRESETS[preset_name(self.backbone)].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
@@ -118,6 +127,8 @@ def recipe(cfg: Config) -> dict:
     for key, value in PRESETS[name].items():
         got = getattr(cfg, key)
         source = (REAL_SOURCES[key] if name == "real" else TINY_SOURCE) if got == value else "flag"
+        if name == "real" and key == "dtype" and got == "fp32" and cfg.device == "cpu":
+            source = CPU_DTYPE_SOURCE
         out[key] = {"value": got, "source": source}
     return out
 
@@ -125,7 +136,8 @@ def recipe(cfg: Config) -> dict:
 def recipe_line(cfg: Config) -> str:
     r = recipe(cfg)
     return f"settings ({preset_name(cfg.backbone)} preset): " + ", ".join(
-        f"{k} {v['value']}" + ("" if v["source"] in ("paper", TINY_SOURCE) else f" ({v['source'].split(':')[0]})")
+        f"{k} {v['value']}" + ("" if v["source"].startswith("paper") or v["source"] == TINY_SOURCE
+                               else f" ({v['source'].split(':')[0]})")
         for k, v in r.items())
 
 
@@ -137,20 +149,27 @@ class Method:
     client_adapter: bool = True     # ψ_s and L_d in stage 1 (and ψ_s in stage 2 when client_in_stage2)
     client_in_stage2: bool = True   # ψ_s (frozen) in the stage-2 sum
     ctmoa: bool = True              # stage 2 mixes all tasks' adapters; False: own task adapter only
-    text_agg: str = "ata"           # Θ^l: "ata", "fedavg" or "none" (no communication)
-    visual_agg: str = "task"        # connector: "task" (per task), "all" (FedAvg over clients) or "none"
+    text_agg: str = "ata"           # Θ^l: "ata", "fedavg" (over all clients), "task" (FedAvg within each task) or "none"
+    visual_agg: str = "task"        # connector: "task" (every task's average to every client), "own-task" (each
+                                    # client its own task's average), "all" (FedAvg over all clients) or "none"
     prox: bool = False              # FedProx's proximal term (μ/2)||θ − θ_round_start||² (μ = --mu)
-    pooled: bool = False            # one model trained on the union of all clients' training data
+    pooled: str = ""                # a bound that trains on pooled data: "all" (one model on the union of every
+                                    # client's data) or "task" (one model per task on the union of its clients')
 
 
-# Local and Centralized are the bounds every table shows: no collaboration, and pooling all the data
-# (one LoRA + plain MLP connector, the federation's total number of steps, scored on each client's
-# own test set; PILOT_METHOD.md, "Baselines and ablations").
+# The bounds every table shows: Local (no collaboration), centralized-task (pooling each task's data,
+# a model per task) and Centralized (pooling all the data, one model): one LoRA + plain MLP connector
+# each, the pooled clients' total number of steps, scored on each client's own test set. Together they
+# split a task's room into what its own clients' data give and what the other tasks' data add
+# (docs/METHOD.md, "Baselines, bounds and ablations"). fedavg-task is the federation that needs no
+# knowledge from other tasks: FedAvg within each task, clusters = tasks, known to the server.
 METHODS = {
     "local": Method(connector="mlp", text_agg="none", visual_agg="none"),
-    "centralized": Method(connector="mlp", text_agg="none", visual_agg="none", pooled=True),
+    "centralized-task": Method(connector="mlp", text_agg="none", visual_agg="none", pooled="task"),
+    "centralized": Method(connector="mlp", text_agg="none", visual_agg="none", pooled="all"),
     "fedavg": Method(connector="mlp", text_agg="fedavg", visual_agg="all"),
     "fedprox": Method(connector="mlp", text_agg="fedavg", visual_agg="all", prox=True),
+    "fedavg-task": Method(connector="mlp", text_agg="task", visual_agg="own-task"),
     "pilot": Method(),
     "pilot-no-stage1": Method(client_adapter=False),
     "pilot-no-ctmoa": Method(ctmoa=False),
@@ -172,7 +191,12 @@ def federation_size(cfg: Config) -> int:
 
 def with_defaults(cfg: Config, log=print) -> Config:
     """Settings whose default depends on the federation: ATA's M, when not given, is min(3, K − 1)
-    (at least 1), so that the default fits a federation of any size."""
+    (at least 1), so that the default fits a federation of any size; with --data, the scenario is
+    the manifest's name."""
+    if cfg.data:
+        manifest = llava.read_json(cfg.data)
+        name = manifest.get("name") if isinstance(manifest, dict) else None
+        cfg = replace(cfg, scenario=name if isinstance(name, str) and name else Path(cfg.data).stem)
     if cfg.top_m is not None:
         return cfg
     k = federation_size(cfg)
@@ -193,13 +217,14 @@ def final_stage(cfg: Config) -> int:
 
 
 def parse_faults(text: str) -> dict:
-    """'client=3:nan,client=1:scale=100@2' -> {3: ('nan', None), 1: ('scale=100', 2)}: a fault of
-    the client with that id in every round, or only in the round after '@' (1-based)."""
+    """'client=3:nan,client=c1:scale=100@2' -> {'3': ('nan', None), 'c1': ('scale=100', 2)}: a fault
+    of the client with that id (a scenario index, or a manifest's id) in every round, or only in the
+    round after '@' (1-based)."""
     faults = {}
     for part in filter(None, (text or "").split(",")):
         who, _, what = part.partition(":")
         what, at, when = what.partition("@")
-        ok = who.startswith("client=") and who[7:].isdigit() and (not at or when.isdigit())
+        ok = who.startswith("client=") and len(who) > 7 and (not at or when.isdigit())
         ok = ok and (what in ("nan", "drop") or what.startswith("scale="))
         if ok and what.startswith("scale="):
             try:
@@ -207,14 +232,14 @@ def parse_faults(text: str) -> dict:
             except ValueError:
                 ok = False
         if not ok:
-            raise ValueError(f"--faults {part!r}: expected client=<k>:nan|drop|scale=<x>, optionally @<round>")
-        faults[int(who[7:])] = (what, int(when) if at else None)
+            raise ValueError(f"--faults {part!r}: expected client=<id>:nan|drop|scale=<x>, optionally @<round>")
+        faults[who[7:]] = (what, int(when) if at else None)
     return faults
 
 
-def fault_for(faults: dict, client_id: int, round_idx: int):
+def fault_for(faults: dict, client_id, round_idx: int):
     """The fault client `client_id` has in round round_idx (0-based), or None."""
-    what, when = faults.get(client_id, (None, None))
+    what, when = faults.get(str(client_id), (None, None))
     return what if when is None or when == round_idx + 1 else None
 
 
@@ -233,9 +258,13 @@ def check_config(cfg: Config):
         raise ValueError(f"--out {cfg.out}: the parent directory {Path(cfg.out).resolve().parent} does not exist")
     if cfg.backbone != "tiny" and Path(cfg.backbone).exists():
         conf = Path(cfg.backbone) / "config.json"
-        if not conf.is_file() or json.loads(conf.read_text()).get("model_type") != "llava":
+        try:
+            kind = json.loads(conf.read_text()).get("model_type") if conf.is_file() else None
+        except (ValueError, AttributeError):
+            kind = None
+        if kind != "llava":
             raise ValueError(f"--backbone {cfg.backbone}: not a LLaVA checkpoint (no config.json with model_type 'llava')")
-    for key, allowed in (("dtype", ("fp32", "bf16")), ("device", ("cpu", "cuda")), ("features", ("auto", "memory", "disk")),
+    for key, allowed in (("dtype", ("fp32", "bf16")), ("device", ("cpu", "cuda")), ("features", ("auto", "memory", "disk", "stream")),
                          ("checkpoint", ("client", "round"))):
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"--{key} {getattr(cfg, key)}: expected one of {', '.join(allowed)}")

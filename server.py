@@ -3,7 +3,7 @@ The server side: screen one round's uploads, aggregate them (aggregate.py's pure
 return each client's download. Plain state dicts in and out, so that run.py's loop and a Flower
 ServerApp (flower_app.py) call the same functions.
 
-    server_round(uploads, tasks, n, top_m, method)   aggregation -> each client's download
+    server_round(uploads, tasks_of, n, top_m, method)   aggregation -> each client's download
     server_step(uploads, downloads, ...)             screening (screen_uploads), then server_round
 """
 import aggregate
@@ -11,10 +11,12 @@ import pilot
 from config import METHODS, Config
 
 
-def server_round(uploads, tasks, n, top_m, method=METHODS["pilot"], previous=None, consume=False, record=None):
-    """Aggregate one round's uploads (client order) into each client's download. Pilot: all T
-    global task adapters ψ^t_τ (task-aware visual aggregation) and the client's own Θ̄^l_k (ATA).
-    FedAvg: the one sample-weighted average of both. Local ("none"): the client's own upload back.
+def server_round(uploads, tasks_of, n, top_m, method=METHODS["pilot"], previous=None, consume=False, record=None):
+    """Aggregate one round's uploads (client order; tasks_of[k] is client k's task, n[k] its number
+    of training samples) into each client's download. Pilot: all T global task adapters ψ^t_τ
+    (task-aware visual aggregation) and the client's own Θ̄^l_k (ATA). FedAvg: the one
+    sample-weighted average of both. fedavg-task: that average within the client's own task only.
+    Local ("none"): the client's own upload back.
     An upload that is None (rejected, or the client failed) takes no part: that client keeps its
     previous Θ^l (and receives the new global adapters), a task with no upload keeps its previous
     global task adapter, and a round with no usable upload changes nothing. consume=True lets ATA
@@ -24,7 +26,7 @@ def server_round(uploads, tasks, n, top_m, method=METHODS["pilot"], previous=Non
     ok = [k for k, u in enumerate(uploads) if u is not None]
     if not ok:                                   # nothing usable: the server state stays as it was
         return list(previous)
-    ups, tk, nk = [uploads[k] for k in ok], [tasks[k] for k in ok], [n[k] for k in ok]
+    ups, tk, nk = [uploads[k] for k in ok], [tasks_of[k] for k in ok], [n[k] for k in ok]
     K = len(ok)
     adapters = [pilot.sub_state(u, "task_adapter.") for u in ups]
     text = [{k: v for k, v in u.items() if k.startswith("lora.")} for u in ups]
@@ -35,15 +37,21 @@ def server_round(uploads, tasks, n, top_m, method=METHODS["pilot"], previous=Non
             record["weights"] = {ok[i]: {ok[j]: float(A[i, j]) for j in [i, *row]} for i, row in enumerate(nb)}
     elif method.text_agg == "fedavg":
         text = [aggregate.fedavg(text, nk)] * K
+    elif method.text_agg == "task":
+        text = aggregate.mix(text, aggregate.task_fedavg_matrix(tk, nk), inplace=consume)
     prefixed = lambda task, sd: {f"global_task_adapter.{task}.{k}": v for k, v in sd.items()}
+    kept = lambda k, t: {key: v for key, v in (previous[k] if previous else {}).items()
+                         if key.startswith(f"global_task_adapter.{t}.")}
+    by_task = aggregate.task_aware_visual(adapters, tk, nk) if method.visual_agg in ("task", "own-task") else {}
     if method.visual_agg == "task":
         shared = {}
-        for t in sorted(set(tasks), key=tasks.index):   # tasks without an upload keep their adapter
-            shared.update({k: v for k, v in (previous[ok[0]] if previous else {}).items()
-                           if k.startswith(f"global_task_adapter.{t}.")})
-        for t, sd in aggregate.task_aware_visual(adapters, tk, nk).items():
+        for t in sorted(set(tasks_of), key=tasks_of.index):   # tasks without an upload keep their adapter
+            shared.update(kept(ok[0], t))
+        for t, sd in by_task.items():
             shared.update(prefixed(t, sd))
         visual = [shared] * K
+    elif method.visual_agg == "own-task":
+        visual = [prefixed(tk[i], by_task[tk[i]]) for i in range(K)]
     elif method.visual_agg == "all":
         avg = aggregate.fedavg(adapters, nk)
         visual = [prefixed(tk[i], avg) for i in range(K)]
@@ -54,12 +62,14 @@ def server_round(uploads, tasks, n, top_m, method=METHODS["pilot"], previous=Non
         out[k] = {**visual[i], **text[i]}
     if method.visual_agg != "none":      # clients left out still get the new global adapters
         for k in set(range(len(uploads))) - set(ok):
-            mine = visual[0] if method.visual_agg == "task" else prefixed(tasks[k], avg)
+            t = tasks_of[k]
+            mine = (visual[0] if method.visual_agg == "task" else prefixed(t, avg) if method.visual_agg == "all"
+                    else prefixed(t, by_task[t]) if t in by_task else kept(k, t))
             out[k] = {**{key: v for key, v in previous[k].items() if key.startswith("lora.")}, **mine}
     return out
 
 
-def screen_uploads(uploads, downloads, tasks, expected, norm_factor, ids, log=print):
+def screen_uploads(uploads, downloads, tasks_of, expected, norm_factor, ids, log=print):
     """The server's checks before aggregation: exact keys, shapes, dtypes, finite values
     (aggregate.validate_upload; expected: {key: (shape, dtype)}), then [our addition beyond the
     paper] an update-norm screen against the round's median (norm_factor; 0 turns it off).
@@ -74,7 +84,7 @@ def screen_uploads(uploads, downloads, tasks, expected, norm_factor, ids, log=pr
             out[k] = None
     if norm_factor:
         refs = [{**{key: v for key, v in d.items() if key.startswith("lora.")},
-                 **{"task_adapter." + key: v for key, v in pilot.sub_state(d, f"global_task_adapter.{tasks[k]}.").items()}}
+                 **{"task_adapter." + key: v for key, v in pilot.sub_state(d, f"global_task_adapter.{tasks_of[k]}.").items()}}
                 for k, d in enumerate(downloads)]
         norms = [aggregate.update_norm(u, refs[k]) if u is not None else None for k, u in enumerate(out)]
         for k, keep in enumerate(aggregate.norm_screen(norms, norm_factor)):

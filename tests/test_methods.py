@@ -7,7 +7,6 @@ import torch
 import aggregate
 import backbone
 import client
-import compare
 import data
 import features
 import llava
@@ -73,6 +72,33 @@ def _conn(method, stage, private=None):
                                   Config(method=method))
 
 
+def test_fedavg_task_averages_within_each_task_only():
+    ups = _uploads()
+    downs = server.server_round([dict(u) for u in ups], TASKS, N, top_m=2, method=METHODS["fedavg-task"])
+    lora = lambda u: {k: v for k, v in u.items() if k.startswith("lora.")}
+    adapter = lambda u: pilot.sub_state(u, "task_adapter.")
+    captions = aggregate.fedavg([lora(ups[0]), lora(ups[1])], N[:2])          # clients 0 and 1: caption
+    cap_adapter = aggregate.fedavg([adapter(ups[0]), adapter(ups[1])], N[:2])
+    for k in (0, 1):
+        assert all(torch.allclose(downs[k][key], v) for key, v in captions.items())
+        assert set(key for key in downs[k] if key.startswith("global_")) == {"global_task_adapter.caption.linear_1.weight"}
+        assert torch.allclose(downs[k]["global_task_adapter.caption.linear_1.weight"], cap_adapter["linear_1.weight"])
+    # the one VQA client gets its own upload back: nothing from another task
+    assert all(torch.equal(downs[2][key], v) for key, v in lora(ups[2]).items())
+    assert torch.equal(downs[2]["global_task_adapter.vqa.linear_1.weight"], ups[2]["task_adapter.linear_1.weight"])
+    # in place, as the server runs it, the same downloads
+    again = server.server_round([{k: v.clone() for k, v in u.items()} for u in ups], TASKS, N, top_m=2,
+                                method=METHODS["fedavg-task"], consume=True)
+    assert all(torch.allclose(a[k], b[k]) for a, b in zip(downs, again) for k in a)
+    assert torch.equal(aggregate.task_fedavg_matrix(TASKS, N).sum(1), torch.ones(3, dtype=torch.float64))
+    # a client whose upload failed keeps its text adapter and gets its task's new average
+    prev = [{**{k: torch.zeros_like(v) for k, v in lora(u).items()},
+             f"global_task_adapter.{t}.linear_1.weight": torch.zeros(3, 2)} for u, t in zip(ups, TASKS)]
+    out = server.server_round([ups[0], None, ups[2]], TASKS, N, 2, METHODS["fedavg-task"], previous=prev)
+    assert torch.equal(out[1]["lora.layer.lora_A"], prev[1]["lora.layer.lora_A"])
+    assert torch.equal(out[1]["global_task_adapter.caption.linear_1.weight"], ups[0]["task_adapter.linear_1.weight"])
+
+
 def test_connector_switches_per_method_and_stage():
     h = torch.randn(2, 3, 4)
     full = _conn("pilot", 2)
@@ -117,6 +143,40 @@ def test_centralized_trains_one_model_on_the_union_and_scores_every_client(small
     a, b = load_file(str(tmp_path / "client_0.safetensors")), load_file(str(tmp_path / "client_2.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("lora."))
     assert torch.equal(a["global_task_adapter.caption.linear_2.weight"], b["global_task_adapter.vqa.linear_2.weight"])
+
+
+def test_centralized_task_trains_one_model_per_task_with_its_clients_steps(small_backbone_dir, tmp_path):
+    """The step budget: a task's pooled model takes as many steps as that task's clients together, so
+    centralized-task's trainers take Centralized's steps between them; each client is scored with its
+    task's model on its own test set."""
+    logs = {}
+    base = dict(clients=[0, 1, 2], n_train=8, n_test=2, batch_size=4, local_steps=2, rounds_stage1=1, rounds_stage2=1,
+                backbone=str(small_backbone_dir))
+    res = {}
+    for m in ("centralized-task", "centralized"):
+        logs[m] = []
+        res[m] = run.run(Config(**base, method=m, out=str(tmp_path / m)), log=logs[m].append)
+    steps = lambda m, who: [int(line.split(": ")[1].split(" steps")[0]) for line in logs[m] if f"{who} round" in line]
+    assert steps("centralized-task", "the pooled client (caption)") == [4, 4]      # 2 caption clients x 2 steps
+    assert steps("centralized-task", "the pooled client (vqa)") == [2, 2]          # 1 vqa client x 2 steps
+    assert steps("centralized", "the pooled client (all)") == [6, 6]               # = 4 + 2 a round
+    assert "the pooled client (caption) round 1: 4 steps" in "\n".join(logs["centralized-task"])
+    c = res["centralized-task"]
+    assert [r["id"] for r in c["clients"]] == [0, 1, 2] and c["bytes_up"] == 0 and c["communicated_params"] == 0
+    from safetensors.torch import load_file
+    a, b, v = (load_file(str(tmp_path / "centralized-task" / f"client_{k}.safetensors")) for k in (0, 1, 2))
+    assert all(torch.equal(a[k], b[k]) for k in a)                       # one model for the caption clients
+    assert not torch.equal(a["lora.model.language_model.layers.0.self_attn.q_proj.lora_B"],
+                           v["lora.model.language_model.layers.0.self_attn.q_proj.lora_B"])   # another for VQA
+    assert "global_task_adapter.vqa.linear_1.weight" in v and "global_task_adapter.caption.linear_1.weight" not in v
+    # whole epochs (--local-steps 0): an epoch of the union of the task's clients
+    from client import steps_per_round
+    cts = [features.ClientTensors(k, t, torch.zeros(n, 1, 1), features.Tokens([([1], [2])] * n), torch.zeros(0, 1, 1),
+                                  features.Tokens(), []) for k, t, n in ((0, "caption", 5), (1, "caption", 7), (2, "vqa", 3))]
+    sim = run.Simulation(None, cts, Config(method="centralized-task", local_steps=0, batch_size=4))
+    assert sim.ids == [-2, -3] and sim.n == [12, 3] and sim.trainer_of == [0, 0, 1]
+    assert [steps_per_round(c, n) for c, n in zip(sim.train_cfgs, sim.n)] == [3, 1]
+    assert len(sim.trainers[0].h_train) == 12
 
 
 def test_one_schedule_over_the_whole_run():
@@ -176,154 +236,6 @@ def test_fedavg_of_one_sgd_step_each_equals_one_step_on_the_union(small_backbone
     assert any(not torch.equal(union[k], start[k]) for k in start)
     for k, v in union.items():
         torch.testing.assert_close(avg[k], v, rtol=1e-4, atol=1e-6)
-
-
-def _res(avg, ce=1.0, ata=None, vqa=None, clients=None, rounds=None):
-    """A results.json of one run, as compare.py reads it."""
-    return {"per_task": {"vqa": avg if vqa is None else vqa}, "average": avg, "per_task_ce": {"vqa": ce}, "average_ce": ce,
-            "rounds": rounds or [{"round": 1, "average": avg, "average_ce": ce}], "bytes_up": 0, "bytes_down": 0,
-            "trainable_params": 1, "communicated_params": 0, "wall_s": 1.0, "scenario": "A",
-            "config": {"rounds_stage1": 1, "rounds_stage2": 0}, "clients": clients or [{"id": 0, "task": "vqa"}],
-            "ata": [{"same_task_mean": a, "other_task_weight_mean": 0.0, "neighbours": {}} for a in ata or []]}
-
-
-def test_comparison_gives_mean_std_paired_differences_and_verdicts():
-    # local 10, 20, 30; pilot 12, 21, 36: differences 2, 1, 6 -> mean 3, std sqrt(7) = 2.65, the 90%
-    # interval 3 ± t(0.95, 2) 2.65 / sqrt(3) = 3 ± 4.46: undecided; all three seeds above 0
-    s = compare.summarise("A", [0, 1, 2], {"local": [_res(10, 1.0), _res(20, 0.9), _res(30, 0.8)],
-                                           "pilot": [_res(12, 0.9, [0.5, 1.0]), _res(21, 0.9, [0.5]), _res(36, 0.7, [0.0])],
-                                           "pilot-no-ata": [_res(10), _res(19), _res(33)]})
-    p = s["methods"]["pilot"]
-    assert p["average"] == {"mean": 23.0, "std": 12.12}
-    v = p["vs_local"]["average"]
-    assert (v["mean"], v["std"], v["same_sign"], v["per_seed"], v["verdict"]) == (3.0, 2.65, 3, [2, 1, 6], "undecided")
-    assert (v["low"], v["high"]) == (round(3 - 2.919986 * 7 ** 0.5 / 3 ** 0.5, 2), round(3 + 2.919986 * 7 ** 0.5 / 3 ** 0.5, 2))
-    assert p["ce_vs_local"]["mean"] == -0.0667 and p["ata_same_task"] == 0.5
-    # an ablation's paired difference to Pilot: -2, -2, -3: the interval -2.33 ± 2.92 x 0.58 / 1.73, below 0
-    a = s["methods"]["pilot-no-ata"]["vs_pilot"]["average"]
-    assert (a["mean"], a["same_sign"], a["verdict"], a["high"]) == (-2.33, 3, "below", -1.36)
-    assert s["methods"]["pilot"]["vs_pilot"] is None and s["methods"]["local"]["vs_pilot"] is None
-    claims = {c["baseline"]: c for c in s["claims"]}
-    assert claims["local"]["verdict"] == "undecided" and claims["pilot-no-ata"]["verdict"] == "holds"
-    assert "fedavg" not in claims                        # a claim needs both of its runs
-    t = compare.sections(s)
-    assert "| pilot | **23.0 ± 12.1** | **23.0 ± 12.1** | +3.0 ± 2.6 (3/3) | 0.833 ± 0.116 | -0.067 ± 0.058 (2/3) |" in t["results"]   # a difference of 0 is on neither side
-    assert "| pilot-no-ata | -2.3 ± 0.6 (3/3) | -2.3 ± 0.6 (3/3) |" in t["ablations"]
-    assert "| ATA helps over averaging the text adapters (pilot − pilot-no-ata) | +2.3 ± 0.6 |" in t["claims"]
-    assert t["claims"].rstrip().endswith("| 3/3 | **holds** |")
-
-
-def test_t_and_chi_square_quantiles_against_tables():
-    for p, df, t in [(0.95, 4, 2.132), (0.95, 9, 1.833), (0.95, 2, 2.920), (0.975, 30, 2.042), (0.95, 1, 6.314)]:
-        assert compare.t_quantile(p, df) == pytest.approx(t, abs=1e-3)
-    lo, hi = compare.std_interval(10)          # sqrt(9 / 16.919), sqrt(9 / 3.325)
-    assert (round(lo, 3), round(hi, 3)) == (0.729, 1.645)
-    assert [round(x, 2) for x in compare.std_interval(5)] == [0.65, 2.37]
-
-
-def test_spreads_are_read_against_the_targets_for_the_bounds_only():
-    # 3 seeds: [sqrt(2 / 5.991), sqrt(2 / 0.1026)] x the std; average 99, 100, 101: 1.0% [0.58, 4.42];
-    # vqa 10, 20, 30: 50% [28.9, 220.8]
-    runs = [_res(99, vqa=10), _res(100, vqa=20), _res(101, vqa=30)]
-    s = compare.summarise("A", [0, 1, 2], {"local": runs, "pilot": runs})
-    assert s["methods"]["local"]["spread"]["average"]["verdict"] == "undecided"
-    assert s["methods"]["local"]["spread"]["vqa"]["verdict"] == "above"
-    assert "verdict" not in s["methods"]["pilot"]["spread"]["vqa"]      # a federated method's spread is a finding
-    table = compare.sections(s)["spreads"]
-    assert "| local | 50.0 [28.9, 220.8] ✗ | 1.0 [0.6, 4.4] ? |" in table and "| pilot | 50.0 [28.9, 220.8] | 1.0 [0.6, 4.4] |" in table
-    zero = compare.summarise("A", [0, 1], {"local": [_res(99, vqa=0), _res(101, vqa=0)]})
-    assert "| local | – | 1.4 [0.7, 22.5] ? |" in compare.sections(zero)["spreads"]
-    assert compare.summarise("A", [0], {"local": [_res(99)]})["methods"]["local"]["spread"] is None
-
-
-def test_ata_by_task_says_which_tasks_fill_a_clients_neighbours():
-    clients = [{"id": 0, "task": "caption"}, {"id": 1, "task": "caption"}, {"id": 2, "task": "vqa"},
-               {"id": 3, "task": "grounding"}]
-    rounds = [{"same_task_mean": 0.25, "neighbours": {"0": [1, 2], "1": [0, 3], "2": [0, 3], "3": [2, 1]},
-               "other_task_weight_mean": 0.5},
-              {"same_task_mean": 0.25, "neighbours": {"0": [1, 3], "1": [0, 3], "2": [3, 1], "3": [2, 0]},
-               "other_task_weight_mean": 0.3}]
-    res = {"clients": clients, "ata": rounds}
-    # the caption clients' 8 neighbours: 4 caption, 1 vqa, 3 grounding
-    assert compare.ata_by_task(res) == {"caption": {"caption": 0.5, "vqa": 0.125, "grounding": 0.375},
-                                        "vqa": {"caption": 0.5, "vqa": 0.0, "grounding": 0.5},
-                                        "grounding": {"caption": 0.5, "vqa": 0.5, "grounding": 0.0}}
-    assert compare.ata_by_task({"clients": clients, "ata": []}) == {}
-    alone = {"clients": clients[:1], "ata": [{"neighbours": {"0": []}}]}     # one client: no neighbour
-    assert compare.ata_by_task(alone) == {"caption": {"caption": 0.0}}
-    other = {"clients": clients, "ata": [rounds[0], rounds[0]]}   # round 1 twice: caption -> vqa 0.25
-    s = compare.summarise("A", [0, 1], {"pilot": [_res(1) | res, _res(1) | other], "local": [_res(1, clients=clients)] * 2})
-    assert s["methods"]["local"]["ata_by_task"] is None
-    table = compare.sections(s)["ata"]
-    assert "| pilot | 0.25 | 0.45 | caption → caption 0.50/0.50, vqa 0.12/0.25, grounding 0.38/0.25;" in table
-    assert "| local |" not in table
-
-
-def test_a_comparison_is_summarised_again_from_its_runs_and_fills_documents(tmp_path):
-    import json
-    for m, s, avg in [("pilot", 1, 12), ("pilot", 0, 11), ("local", 0, 10), ("local", 1, 9), ("pilot-top1", 0, 13),
-                      ("pilot-top1", 1, 14)]:
-        (tmp_path / f"{m}-seed{s}").mkdir()
-        (tmp_path / f"{m}-seed{s}" / "results.json").write_text(json.dumps(_res(avg) | {"method": m, "seed": s}))
-    seeds, results = compare.load(tmp_path)
-    assert seeds == [0, 1] and list(results) == ["local", "pilot", "pilot-top1"]     # METHODS' order, then the rest
-    assert [r["seed"] for r in results["pilot"]] == [0, 1]
-    summary = compare.write(tmp_path, log=lambda *a: None)
-    assert summary["methods"]["pilot-top1"]["vs_pilot"]["average"]["per_seed"] == [2, 2]
-    doc = tmp_path / "doc.md"
-    doc.write_text("intro\n<!-- compare A claims -->\nold\n<!-- end -->\nmiddle\n<!-- compare A results -->\n<!-- end -->\n")
-    compare.into(doc, {"A": compare.sections(summary)})
-    text = doc.read_text()
-    assert "\nold\n" not in text and "| pilot | 11.5 ± 0.7 |" in text and "| Pilot above Local (pilot − local) | +2.0 ± 1.4 |" in text
-    compare.into(doc, {"A": compare.sections(summary)})
-    assert doc.read_text() == text                                   # filling again changes nothing
-    with pytest.raises(KeyError, match="no section 'claims' of scenario 'B'"):
-        doc.write_text("<!-- compare B claims -->\n<!-- end -->\n")
-        compare.into(doc, {"A": compare.sections(summary)})
-    (tmp_path / "fedavg-seed0").mkdir()
-    (tmp_path / "fedavg-seed0" / "results.json").write_text("{}")
-    with pytest.raises(ValueError, match="fedavg lacks seeds \\[1\\] that another method has"):
-        compare.load(tmp_path)
-    with pytest.raises(FileNotFoundError, match="no <method>-seed<s>/results.json"):
-        compare.load(tmp_path / "fedavg-seed0")
-
-
-def test_plots_draw_a_panel_per_task_and_the_test_loss_round_by_round(tmp_path):
-    pytest.importorskip("matplotlib")
-    rounds = lambda avg: [{"round": 1, "average_ce": 1.2}, {"round": 2, "average": avg, "average_ce": 1.0}]
-    s = compare.summarise("A", [0, 1], {m: [_res(10 + i, rounds=rounds(10 + i)), _res(12 + i, rounds=rounds(12 + i))]
-                                        for i, m in enumerate(["local", "pilot", "pilot-no-ata"])})
-    assert [r["round"] for r in s["methods"]["pilot"]["rounds"]] == [1, 2]
-    assert compare.plots(s, tmp_path) == f"wrote {tmp_path}/scores.png, {tmp_path}/rounds.png"
-    assert (tmp_path / "scores.png").stat().st_size > 5000 and (tmp_path / "rounds.png").stat().st_size > 5000
-
-
-def test_a_comparison_run_side_by_side_gives_the_same_results(small_backbone_dir, tmp_path):
-    cfg = Config(clients=[0, 2], n_train=8, n_test=2, batch_size=4, local_steps=2, rounds_stage1=1, rounds_stage2=1,
-                 backbone=str(small_backbone_dir))
-    threads = torch.get_num_threads()     # the same thread count both ways: this checks the running, not rounding
-    one = compare.run_comparison(replace(cfg, out=str(tmp_path / "one")), ["pilot"], [0, 1], log=lambda *a: None)
-    logs = []
-    two = compare.run_comparison(replace(cfg, out=str(tmp_path / "two")), ["pilot"], [0, 1], jobs=2,
-                                 threads=threads, log=logs.append)
-    drop = lambda summary: {m: {k: v for k, v in x.items() if k != "wall_s"} for m, x in summary["methods"].items()}
-    assert drop(one) == drop(two)
-    for m, s, k in [("pilot", 0, 0), ("pilot", 1, 2)]:
-        assert ((tmp_path / "one" / f"{m}-seed{s}" / f"predictions_client_{k}.jsonl").read_text()
-                == (tmp_path / "two" / f"{m}-seed{s}" / f"predictions_client_{k}.jsonl").read_text())
-        assert "round 2/2" in (tmp_path / "two" / f"{m}-seed{s}" / "run.log").read_text()
-    assert sum("-seed" in line and "(2/2)" in line for line in logs) == 1
-    assert one["methods"]["pilot"]["ata_by_task"] is not None    # ATA's record names the run's clients by id
-    assert [r["round"] for r in one["methods"]["pilot"]["rounds"]] == [1, 2]   # the test loss after every round
-    sections = lambda d: (d / "compare.md").read_text().split("\n\n")
-    assert sections(tmp_path / "two")[:-1] == sections(tmp_path / "one")[:-1]   # all but the wall times
-
-
-def test_a_comparisons_command_line(capsys):
-    for argv, why in ((["--methods", "local", "--jobs", "0"], "--jobs 0"), (["--methods", "nope"], "unknown method 'nope'")):
-        with pytest.raises(SystemExit) as e:
-            compare.main(argv)
-        assert e.value.code == 2 and why in capsys.readouterr().err
 
 
 def test_a_change_of_rounding_moves_results_less_than_a_change_of_seed(small_backbone_dir, tmp_path):

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import backbone
+import tiny
 import config
 import data
 import evaluate
@@ -20,7 +21,7 @@ from config import Config
 
 
 def test_the_shipped_tiny_backbone_is_the_recipes_build():
-    # a recipe changed without `python backbone.py --build tiny-backbone` cannot land: the shipped
+    # a recipe changed without `python tiny.py --build tiny-backbone` cannot land: the shipped
     # files name the recipe they were built from, and the weights are the ones recorded at the build
     meta = json.loads((backbone.TINY_DIR / "pilot_backbone.json").read_text())
     assert meta["key"] == backbone.tiny_backbone_key()
@@ -41,7 +42,7 @@ def test_a_tiny_backbone_without_its_weights_says_how_to_name_one(monkeypatch, t
 
 def test_a_tiny_backbone_of_another_recipe_is_refused(monkeypatch):
     monkeypatch.setitem(backbone.PRETRAIN, "vision_steps", 1999)
-    with pytest.raises(ValueError, match=r"rebuild it with 'python backbone.py --build tiny-backbone'"):
+    with pytest.raises(ValueError, match=r"rebuild it with 'python tiny.py --build tiny-backbone'"):
         backbone.load_backbone("tiny")
 
 
@@ -143,15 +144,21 @@ def test_presets_the_benchmark_schedule_for_tiny_and_the_papers_recipe_for_check
     tiny, _ = run.parse_config([])
     assert (tiny.rounds_stage1, tiny.rounds_stage2, tiny.local_steps, tiny.lora_r, tiny.checkpoint) == (4, 16, 10, 8, "round")
     assert (tiny.lr_stage1, tiny.lr_stage2, tiny.batch_size, tiny.grad_accum, tiny.dtype) == (3e-3, 3e-3, 8, 1, "fp32")
-    # a checkpoint: PILOT_METHOD.md's paper-scale recipe, exactly, unless a flag overrides a value
-    real, _ = run.parse_config(["--backbone", "llava-hf/llava-1.5-7b-hf"])
+    # a checkpoint: docs/METHOD.md's paper-scale recipe, exactly, unless a flag overrides a value
+    real, _ = run.parse_config(["--backbone", "llava-hf/llava-1.5-7b-hf", "--device", "cuda"])
     paper = dict(lr_stage1=2e-5, lr_stage2=4e-5, batch_size=16, grad_accum=2, warmup_ratio=0.03, dtype="bf16",
                  max_length=2048, lora_r=64, lora_alpha=128.0, rounds_stage1=1, rounds_stage2=3, local_steps=0,
                  local_epochs=1, checkpoint="client")
     assert {k: getattr(real, k) for k in paper} == paper
     recipe = config.recipe(real)
     assert recipe["lr_stage1"] == {"value": 2e-5, "source": "paper"} and recipe["rounds_stage1"]["source"].startswith("reading")
-    given, _ = run.parse_config(["--backbone", "llava-hf/llava-1.5-7b-hf", "--local-steps", "5", "--lr-stage2", "1e-4"])
+    # on the CPU the frozen weights are fp32 unless --dtype says bf16, and the log says why
+    cpu, _ = run.parse_config(["--backbone", "llava-hf/llava-1.5-7b-hf"])
+    assert cpu.dtype == "fp32" and config.recipe(cpu)["dtype"]["source"] == config.CPU_DTYPE_SOURCE
+    assert "dtype fp32 (ours)" in config.recipe_line(cpu)
+    assert run.parse_config(["--backbone", "llava-hf/llava-1.5-7b-hf", "--dtype", "bf16"])[0].dtype == "bf16"
+    given, _ = run.parse_config(["--backbone", "llava-hf/llava-1.5-7b-hf", "--device", "cuda", "--local-steps", "5",
+                                 "--lr-stage2", "1e-4"])
     assert {k: getattr(given, k) for k in paper} == {**paper, "local_steps": 5, "lr_stage2": 1e-4}
     assert config.recipe(given)["lr_stage2"] == {"value": 1e-4, "source": "flag"}
     assert "lr_stage2 0.0001 (flag)" in config.recipe_line(given) and "lr_stage1 2e-05," in config.recipe_line(given)
@@ -176,7 +183,7 @@ def test_every_setting_is_a_flag_and_bad_ones_end_in_one_line(capsys):
 def test_dense_targets_put_each_object_and_digit_in_the_patch_of_its_centre():
     objs = [data.Obj("red", "circle", "small", 4.0, 20.0, 3.0), data.Obj("blue", "cross", "large", 5.0, 21.0, 6.0)]
     s = data.Sample(None, "", "", "describe", extra={"objects": objs, "text": ("12", "green", 16.0, 0.0, 2.0)})
-    cls, geo, digit = backbone.dense_targets(s, grid=4)       # 8-pixel patches, row-major
+    cls, geo, digit = tiny.dense_targets(s, grid=4)       # 8-pixel patches, row-major
     assert cls.shape == (16, 3) and geo.shape == (16, 3)
     assert cls[8].tolist() == [0, 0, 0]                       # red, circle, small in patch (x 0, y 2); first wins
     assert torch.allclose(geo[8], torch.tensor([0.5, 0.5, 0.375]))
@@ -186,12 +193,12 @@ def test_dense_targets_put_each_object_and_digit_in_the_patch_of_its_centre():
 
 def test_vision_pretraining_trains_the_vision_tower_alone(monkeypatch):
     monkeypatch.setitem(backbone.PRETRAIN, "vision_steps", 3)
-    tok, proc = backbone.tiny_tokenizer(), backbone.tiny_image_processor()
-    model = backbone.tiny_model(tok, seed=0)
+    tok, proc = tiny.tiny_tokenizer(), tiny.tiny_image_processor()
+    model = tiny.tiny_model(tok, seed=0)
     bb = backbone.Backbone(model, tok, proc, "tiny", backbone.TINY_PROMPT)
     corpus = data.pretraining_corpus(40, 0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    backbone.pretrain_vision(model, corpus, bb.pixels([s.image for s in corpus]), log=lambda *a: None)
+    tiny.pretrain_vision(model, corpus, bb.pixels([s.image for s in corpus]), log=lambda *a: None)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("model.vision_tower.") for k in changed)
     assert any("layers.1." in k for k in changed)       # the layer LLaVA reads (-2) and those below it,
@@ -201,7 +208,7 @@ def test_vision_pretraining_trains_the_vision_tower_alone(monkeypatch):
 def test_generation_limits_hold_the_tiny_backbones_longest_answers():
     # greedy decoding stops at EOS or at MAX_NEW_TOKENS: a limit below an answer's length cuts it
     # (a named box cut before its last number is unparsable and scores 0), with or without --data
-    tok = backbone.tiny_tokenizer()
+    tok = tiny.tiny_tokenizer()
     longest = {"caption": "a large purple triangle left of a large yellow triangle left of a small purple triangle",
                "vqa": "purple", "grounding": "large purple triangle at [0.38, 0.35, 0.85, 0.82]", "ocr": "7"}
     for task, text in longest.items():

@@ -71,7 +71,7 @@ def client_round(bb, ct, download, private, stage, tasks, cfg: Config, round_idx
     model = bb.model
     device = model.device
     load_text_adapter(model, download)
-    conn = build_connector(bb, stage, tasks, ct.task, download, private, cfg.seed * 1000 + ct.id, cfg).to(device)
+    conn = build_connector(bb, stage, tasks, ct.task, download, private, cfg.seed * 1000 + ct.index, cfg).to(device)
     trainable = pilot.trainable_parameters(model, conn)
     params = list(trainable.values())
     anchor = [p.detach().clone() for p in params] if METHODS[cfg.method].prox else None
@@ -84,7 +84,7 @@ def client_round(bb, ct, download, private, stage, tasks, cfg: Config, round_idx
     # one cosine schedule over the client's steps of the whole run, continued from round to round
     total = steps * (cfg.rounds_stage1 + cfg.rounds_stage2)
     sched = bbmod.cosine_schedule(opt, total, max(1, round(cfg.warmup_ratio * total)), offset=round_idx * steps)
-    g = torch.Generator().manual_seed(cfg.seed * 100_003 + round_idx * 1009 + ct.id)
+    g = torch.Generator().manual_seed(cfg.seed * 100_003 + round_idx * 1009 + ct.index)
     batches = batch_stream(n, cfg.batch_size, g)   # batch_size per forward pass, grad_accum of them per step
     bar = tqdm(total=steps, desc=f"  client {ct.id} ({ct.task}, stage {stage})", leave=False, disable=not log_bar)
     losses = []
@@ -93,7 +93,7 @@ def client_round(bb, ct, download, private, stage, tasks, cfg: Config, round_idx
         opt.zero_grad(set_to_none=True)
         for _ in range(cfg.grad_accum):
             idx = next(batches)
-            ids, mask, labels = bbmod.collate([ct.items_train[i] for i in idx], bb.tokenizer.pad_token_id)
+            ids, mask, labels = bbmod.collate([ct.items_train[i] for i in idx], bb.pad_id)
             # the connector runs in fp32 (its tensors are trainable); embed() casts to the LLM's dtype
             x_img, aux = conn(ct.h_train[idx].to(device).float())
             ce = pilot.lm_loss(model, x_img, ids.to(device), mask.to(device), labels.to(device))

@@ -3,9 +3,9 @@ Evaluation: a client's greedy answers on its own test set, its test loss, and th
 score them, as the official evaluation scripts score (hand-written, nothing to download):
 
     captioning          CIDEr-D (the COCO caption evaluation: PTB tokenisation, then CIDEr-D), x100
-    VQA, text reading   VQA accuracy (the official VQA v2 evaluation: its normalisation, and with
-                        several human answers the mean over the 10 leave-one-out subsets of
-                        min(1, matches / 3))
+    VQA, text reading   VQA accuracy (the official VQA v2 evaluation, vqaEval.py as GT-Vision-Lab
+                        fixed it in 2021: its normalisation, and with several human answers the
+                        mean over the 10 leave-one-out subsets of min(1, matches / 3))
     grounding           accuracy at IoU >= 0.5 of the first [x1, y1, x2, y2] in the answer
 
 Scores are in percent units, per client, then averaged per task and over tasks (report.py).
@@ -79,47 +79,71 @@ def vqa_digits_articles(text: str) -> str:
     return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
 
 
+def _clean(s: str) -> str:
+    """What the official evaluation does to every answer first: newlines and tabs to spaces, stripped."""
+    return s.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_answer(s: str) -> str:
-    """A predicted answer as the official evaluation reads it."""
-    return vqa_digits_articles(vqa_punctuation(s.replace("\n", " ").replace("\t", " ").strip()))
+    """An answer with the official evaluation's whole processing (punctuation, then number words,
+    articles and contractions)."""
+    return vqa_digits_articles(vqa_punctuation(_clean(s)))
 
 
 def vqa_accuracy(pred: str, answers) -> float:
-    """The official VQA accuracy of one prediction. With several human answers (VQAv2's ten): the
-    answers are punctuation-processed only when they are not all the same (as the official script
-    does), and the accuracy is the mean over leaving each answer out of min(1, matches among the
-    others / 3): 3 matching answers of 10 score 0.9, 4 or more 1.0. [reading] With one reference
-    answer (the synthetic benchmark), leaving it out would leave nothing: the prediction scores 1
-    when it equals the answer, both normalised as a prediction is."""
+    """The official VQA accuracy of one prediction, as the current vqaEval.py scores it (the
+    GT-Vision-Lab commit "Fixed processing answers bug", 2021). Every answer and the prediction are
+    cleaned (newlines, tabs, outer spaces); when the human answers are not all the same, the answers
+    and the prediction all get the whole processing (normalize_answer), and when they are, nothing
+    more is done to either. The accuracy is the mean over leaving each answer out of min(1, matches
+    among the others / 3): 3 matching answers of 10 score 0.9, 4 or more 1.0. [reading] With one
+    reference answer (the synthetic benchmark), leaving it out would leave nothing: the prediction
+    scores 1 when it equals the answer, both processed as a whole."""
     answers = [answers] if isinstance(answers, str) else list(answers)
-    p = normalize_answer(pred)
     if len(answers) == 1:
-        return float(p == normalize_answer(answers[0]))
-    refs = [vqa_punctuation(a) for a in answers] if len(set(answers)) > 1 else answers
+        return float(normalize_answer(pred) == normalize_answer(answers[0]))
+    refs, p = [_clean(a) for a in answers], _clean(pred)
+    if len(set(refs)) > 1:
+        refs, p = [normalize_answer(a) for a in refs], normalize_answer(p)
     hits = [a == p for a in refs]
     return sum(min(1.0, (sum(hits) - h) / 3) for h in hits) / len(refs)
 
 
 # ----------------------------------------------------------------------------- CIDEr-D
 _PTB_DROP = {"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
+# Abbreviations whose period the Stanford PTB tokenizer keeps on the word ("Mr." stays "mr."): its
+# lists of titles, months, days and company words, which it matches capitalised as written in the
+# text, and the Latin ones it matches in lower case too.
+_ABBREVIATIONS = set("""Mr Mrs Ms Dr Drs Prof Sen Rep Lt Col Gen Gov Adm Rev Maj Sgt Capt St Ste Ave Pres Hon Jr Sr
+Mt Ft Rd Blvd Jan Feb Mar Apr Jun Jul Aug Sep Sept Oct Nov Dec Mon Tue Tues Wed Thu Thurs Fri Inc Co Cos Corp Ltd
+Plc Dept Univ""".split())
+_ABBREVIATIONS_ANY_CASE = {"etc", "vs"}
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
 _PTB_TOKEN = re.compile(r"""
       \d+(?:[.,]\d+)+                 # a number with decimals or thousands: 3.5, 1,000
     | (?:[a-z]\.){2,}                 # an acronym: u.s.
     | \.\.\.|--                       # ellipsis, dash
+    | [a-z]+\.(?=\s|$)                # a word and its period: an abbreviation's is kept (ptb_tokenize)
     | [a-z]+(?=n't\b)                 # do|n't, ca|n't, wo|n't
     | n't\b | '(?:s|m|d|ll|re|ve)\b   # clitics, split off
     | [a-z0-9]+(?:[-/][a-z0-9]+)*     # a word, hyphenated words kept whole
     | \S                              # any other character alone
-""", re.VERBOSE)
+""", re.VERBOSE | re.IGNORECASE)
 
 
 def ptb_tokenize(text: str) -> list:
     """The COCO caption evaluation's tokenisation in Python: the Stanford PTB tokenizer with
-    -lowerCase (clitics such as 's and n't split off, brackets written -lrb- ... -rcb-), then its
-    filter, which drops quotes and . ? ! , : ; - -- ... tokens. Written for what captions hold;
-    abbreviations such as "mr." lose their period here, where the Java tokenizer keeps it."""
-    tokens = _PTB_TOKEN.findall(text.lower().replace("\n", " "))
+    -lowerCase (clitics such as 's and n't split off, brackets written -lrb- ... -rcb-, a known
+    abbreviation keeping its period: "mr." stays "mr."), then its filter, which drops quotes and
+    . ? ! , : ; - -- ... tokens. Written for what captions hold."""
+    tokens = []
+    for t in _PTB_TOKEN.findall(text.replace("\n", " ")):       # the case as written decides an abbreviation
+        word = t[:-1]
+        if t.endswith(".") and word.isalpha() and not (word[0].isupper() and word.capitalize() in _ABBREVIATIONS
+                                                       or word.lower() in _ABBREVIATIONS_ANY_CASE):
+            tokens += [word.lower(), "."]   # an ordinary word before a period: the period is a token of its own
+        else:
+            tokens.append(t.lower())
     return [_BRACKETS.get(t, t) for t in tokens if t not in _PTB_DROP and t != '"']
 
 
@@ -229,12 +253,12 @@ def answer(bb, conn, task, h_v, prompts, cfg: Config):
     for i in range(0, len(prompts), cfg.eval_batch_size):
         batch = prompts[i:i + cfg.eval_batch_size]
         x_img, _ = conn(h_v[i:i + len(batch)].to(bb.model.device).float())
-        ids, mask = bbmod.collate_prompts(batch, bb.tokenizer.pad_token_id)
+        ids, mask = bbmod.collate_prompts(batch, bb.pad_id)
         # the tiny backbone's answers have known lengths (a named box: up to 29 tokens), also when its
         # data come from files (--data); a real model's answers stop at EOS within 64
         limit = MAX_NEW_TOKENS[task] if is_tiny(cfg.backbone) else 64
         out = pilot.generate(bb.model, x_img, ids.to(bb.model.device), mask.to(bb.model.device), limit,
-                             bb.tokenizer.eos_token_id, bb.tokenizer.pad_token_id)
+                             bb.tokenizer.eos_token_id, bb.pad_id)
         preds += bb.tokenizer.batch_decode(out, skip_special_tokens=True)
     return [p.strip() for p in preds]
 
@@ -247,7 +271,7 @@ def test_loss(bb, conn, h_v, items, cfg: Config):
     for i in range(0, len(items), cfg.eval_batch_size):
         batch = items[i:i + cfg.eval_batch_size]
         x_img, _ = conn(h_v[i:i + len(batch)].to(dev).float())
-        ids, mask, labels = bbmod.collate(batch, bb.tokenizer.pad_token_id)
+        ids, mask, labels = bbmod.collate(batch, bb.pad_id)
         ce_sum += float(pilot.lm_loss(bb.model, x_img, ids.to(dev), mask.to(dev), labels.to(dev), reduction="sum"))
         n_tokens += int((labels[:, 1:] != -100).sum())
     return ce_sum / max(1, n_tokens)

@@ -13,10 +13,11 @@ def small_backbone_dir(tmp_path_factory):
     different recipe than the shipped one), built once per test session in a temporary directory.
     PRETRAIN is changed for the build only: every test sees the shipped recipe."""
     import backbone
+    import tiny
     saved = dict(backbone.PRETRAIN)
     backbone.PRETRAIN.update(n_samples=64, epochs=1, vision_steps=10)
     try:
-        return backbone.build_tiny(tmp_path_factory.mktemp("backbone") / "tiny-small", log=lambda *a: None)
+        return tiny.build_tiny(tmp_path_factory.mktemp("backbone") / "tiny-small", log=lambda *a: None)
     finally:
         backbone.PRETRAIN.clear()
         backbone.PRETRAIN.update(saved)

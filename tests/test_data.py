@@ -72,7 +72,8 @@ def test_scenarios_are_deterministic_and_heterogeneous():
 
 def test_every_generated_text_is_in_the_tiny_vocabulary():
     import backbone
-    tok = backbone.tiny_tokenizer()
+    import tiny
+    tok = tiny.tiny_tokenizer()
     texts = [(s.question, s.answer) for c in data.make_scenario("B", 0, n_train=30, n_test=1) for s in c.train]
     texts += [(s.question, s.answer) for s in data.pretraining_corpus(60, 0)]
     texts += [(backbone.TINY_PROMPT.format(question="what colour is the circle?").replace("<image>", ""), "")]

@@ -5,6 +5,8 @@ Benchmarks: what Pilot costs beside plain federated LoRA. Prints a table, writes
     python bench.py --device cuda        # adds the GPU part: a LLaVA-1.5-7B-shaped client step
     python bench.py --features 1000,10000,50000   # only the feature cache: one client round's peak
                                          # memory and loading time, H_v in memory or on disk
+    python bench.py --rehearse --out DIR  # the whole loop at LLaVA-1.5-7B's widths on the CPU, and what a
+                                         # real run costs (rehearsal.py): DIR/rehearsal.json
 
 Ratios are measured side by side in one process, after warm-up, as the median of several repeats;
 absolute times are printed too. Peak memory of an aggregation is measured in a fresh process each
@@ -206,7 +208,7 @@ def gpu_step_7b(stage, batch=16, text_tokens=64, steps=3, method="pilot"):
     items = [(row[:n_tok - 16].tolist(), row[n_tok - 16:].tolist()) for row in ids]
     ct = features.ClientTensors(0, "vqa", torch.randn(batch * steps, 576, 1024, device="cuda", dtype=torch.bfloat16), items,
                            None, [], [])
-    bb = SimpleNamespace(model=model, tokenizer=SimpleNamespace(pad_token_id=0), dims=(1024, 4096))
+    bb = SimpleNamespace(model=model, tokenizer=SimpleNamespace(pad_token_id=0), pad_id=0, dims=(1024, 4096))
     tasks = ["caption", "vqa", "grounding"]
     proj = pilot.projector_state(model)
     base = {f"global_task_adapter.{t}.{k}": v for t in tasks for k, v in proj.items()}
@@ -230,7 +232,7 @@ def gpu_step_7b(stage, batch=16, text_tokens=64, steps=3, method="pilot"):
             "gpu": peak.name}
 
 
-# ----------------------------------------------------------------------------- 4. the feature cache
+# ----------------------------------------------------------------------------- 6. the feature cache
 def write_client(root: Path, n_train, n_test=50, seed=0):
     """One VQA client of n_train + n_test synthetic images in the LLaVA format, written image by
     image (nothing holds them all); returns its manifest."""
@@ -259,16 +261,16 @@ def _client_round_in_child(manifest, mode):
     (loading s, round s, peak resident MB of the process)."""
     import features
     import report
-    import run
     from client import client_round
     from config import Config
+    from federation import load_clients, load_model
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     torch.set_num_threads(1)     # the same work whatever the machine's core count
     cfg = Config(data=str(manifest), features=mode, rounds_stage1=1, rounds_stage2=0)
     t0 = time.perf_counter()
-    bb, theta0, _ = run.load_model(cfg, log=lambda *a: None)
-    ct = features.prepare_client(bb, run.load_clients(cfg)[1][0], "cpu", mode=mode, log=lambda *a: None)
+    bb, theta0, _ = load_model(cfg, log=lambda *a: None)
+    ct = features.prepare_client(bb, load_clients(cfg)[1][0], "cpu", mode=mode, log=lambda *a: None)
     t1 = time.perf_counter()
     client_round(bb, ct, dict(theta0), {}, 1, ["vqa"], cfg, 0)
     return t1 - t0, time.perf_counter() - t1, report.resident_mb("VmHWM:")
@@ -314,7 +316,13 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="paper-shape batch 2 on a GPU too")
     ap.add_argument("--features", metavar="N,N,...", help="only the feature-cache benchmark, for clients of N images")
+    ap.add_argument("--rehearse", action="store_true", help="only the whole loop at LLaVA-1.5-7B's widths (rehearsal.py), "
+                    "into the directory --out")
     a = ap.parse_args()
+    if a.rehearse:
+        import rehearsal
+        rehearsal.main(a.out)
+        return
     if a.features:
         res = main_features([int(x) for x in a.features.split(",")])
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,17 @@
 """
-H_v = f(X_v), the frozen vision tower's features of a client's images, computed once per image and
-kept either in memory or in a disk cache that is memory-mapped, so that a client with more images
-than memory trains and is evaluated batch by batch, and a Flower SuperNode (a new ClientApp process
-per message) reads its features instead of encoding every image again.
+H_v = f(X_v), the frozen vision tower's features of a client's images: computed once per image and
+kept in memory or in a memory-mapped disk cache, or computed batch by batch whenever a batch needs
+them. A client with more images than memory trains and is evaluated batch by batch either way; a
+Flower SuperNode (a new ClientApp process per message) reads its cache instead of encoding again.
 
     --features auto      (default) in memory when the client's H_v fits in --features-max-mb,
                          else on disk
     --features memory    in memory, nothing written
     --features disk      $PILOT_CACHE/features/<key>.safetensors, memory-mapped on read
+    --features stream    nothing kept: each batch's H_v is computed by the frozen tower when the
+                         batch is drawn (at paper width H_v is 1.2 MB an image in fp16, about 94 GB
+                         for 8 clients of 10,000 images; streaming trades that disk for one vision
+                         forward per sample and epoch, a small part of a step's compute)
 
 The key is a SHA-256 of everything H_v depends on: the vision tower's weights, the feature layer and
 selection, the image processor's settings, dtype and device type, and every image (the file's bytes,
@@ -65,11 +69,42 @@ class Tokens(Sequence):
         return tuple(self.ids[s:e].tolist() for s, e in zip(bounds[:-1], bounds[1:]))
 
 
+class Streamed:
+    """H_v of a list of samples, computed when indexed: features[idx] (a tensor or list of indices,
+    or a slice) encodes those samples' images with the frozen vision tower and returns
+    [len(idx), tokens, C_v], as a cached tensor indexed the same way would. An image's features do
+    not depend on the other images of its batch (per-sample attention, row-wise products), which
+    tests/test_features.py checks bit for bit on the CPU against the cache."""
+
+    def __init__(self, bb, samples, device, where=""):
+        self.bb, self.samples, self.device, self.where = bb, list(samples), device, where
+        self.shape = (len(self.samples), bb.n_image_tokens, bb.dims[0])
+        self.dtype = bb.model.dtype
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, idx):
+        chosen = self.samples[idx] if isinstance(idx, slice) else [self.samples[i] for i in torch.as_tensor(idx).tolist()]
+        if not chosen:
+            return torch.zeros(0, *self.shape[1:], dtype=self.dtype)
+        return torch.cat(list(encode(self.bb, chosen, self.device, self.where)))
+
+
+def pool(clients, task, id):
+    """One client holding the union of several clients' training data (the pooled bounds'
+    trainer), with no test set of its own."""
+    hs = [c.h_train for c in clients]
+    h = Streamed(hs[0].bb, [s for x in hs for s in x.samples], hs[0].device, f"pooled {task}") \
+        if isinstance(hs[0], Streamed) else torch.cat(hs)
+    return ClientTensors(id, task, h, Tokens(i for c in clients for i in c.items_train), clients[0].h_test[:0], Tokens(), [])
+
+
 @dataclass
 class ClientTensors:
-    """What a client holds: its task, frozen image features H_v (on its device, or memory-mapped
-    from the disk cache on the CPU) and encoded text (Tokens). Its training samples' text and
-    images are not kept: once encoded they are not needed."""
+    """What a client holds: its task, frozen image features H_v (on its device, memory-mapped from
+    the disk cache on the CPU, or Streamed) and encoded text (Tokens). Its training samples' text
+    is not kept once encoded, nor their images unless H_v is streamed from them."""
     id: int
     task: str
     h_train: torch.Tensor
@@ -77,6 +112,13 @@ class ClientTensors:
     h_test: torch.Tensor
     items_test: Sequence      # (prompt ids, answer ids), for the generated answers and the teacher-forced test loss
     test: list = field(repr=False)    # the test samples, whose answers score the predictions
+    # its position in the scenario or manifest, which seeds its connector and batch order; id names it
+    # (the scenario index, or a manifest's own id: "coco-cap-0")
+    index: int = None
+
+    def __post_init__(self):
+        if self.index is None:
+            self.index = self.id
 
 
 def prepare_client(bb, c: data.ClientData, device, max_length=None, log=print, mode="memory", max_mb=1024.0):
@@ -95,11 +137,16 @@ def prepare_client(bb, c: data.ClientData, device, max_length=None, log=print, m
         log(f"warning: {where}: {cut} of {len(train) + len(test)} samples longer than {max_length} tokens lost "
             f"instruction words or later turns (answers are kept whole or dropped with their turn)")
     mb = (len(c.train) + len(c.test)) * bb.n_image_tokens * bb.dims[0] * bb.model.dtype.itemsize / 2**20
-    if mode == "disk" or mode == "auto" and mb > max_mb:
+    if mode == "stream":
+        for s in c.train + c.test:     # every image file decodes now, not in the middle of a round
+            if isinstance(s.image, (str, Path)):
+                llava.open_image(s.image, f"{where}, record {s.id}")
+        h_train, h_test = Streamed(bb, c.train, device, where), Streamed(bb, c.test, device, where)
+    elif mode == "disk" or mode == "auto" and mb > max_mb:
         h_train, h_test = cached(bb, c, device, log)
     else:
         h_train, h_test = (torch.cat(list(encode(bb, s, device, where))) for s in (c.train, c.test))
-    return ClientTensors(c.id, c.task, h_train, train, h_test, test, c.test)
+    return ClientTensors(c.name or c.id, c.task, h_train, train, h_test, test, c.test, index=c.id)
 
 
 def encode(bb, samples, device, where=""):

@@ -120,3 +120,34 @@ def test_tokens_hold_each_samples_prompt_and_answer_ids_exactly():
     assert list(turns) == [([1], [2], [3, 4], [5]), ([6], [7])] and turns[0][2] == [3, 4]
     with pytest.raises(OverflowError):      # an id past int32 is refused, not wrapped
         features.Tokens([([2**31], [2])])
+
+
+def test_streamed_features_are_the_cached_ones_bit_for_bit_and_a_streamed_run_equals_a_cached_one(
+        small_backbone_dir, cache, tmp_path):
+    """--features stream computes each batch's H_v when the batch is drawn and keeps nothing: the
+    same bits as the cache, whatever the batch (an image's features do not depend on its batch), and
+    so the same run, with nothing written to the cache."""
+    bb = backbone.load_backbone(str(small_backbone_dir))
+    c = _client(n_train=70)
+    disk = features.prepare_client(bb, c, "cpu", mode="disk")
+    stream = features.prepare_client(bb, c, "cpu", mode="stream")
+    assert isinstance(stream.h_train, features.Streamed) and len(stream.h_train) == 70
+    for idx in (torch.tensor([5, 3, 69, 12]), torch.tensor([0]), torch.arange(70).flip(0)[:33], slice(60, 70)):
+        assert torch.equal(stream.h_train[idx], disk.h_train[idx])
+    assert torch.equal(stream.h_test[0:3], disk.h_test) and stream.h_test[:0].shape == (0, *disk.h_test.shape[1:])
+    pooled = features.pool([stream, stream], "all", -1)
+    assert torch.equal(pooled.h_train[torch.tensor([69, 70, 139])], disk.h_train[torch.tensor([69, 0, 69])])
+    base = dict(clients=[0, 2], n_train=8, n_test=3, batch_size=4, rounds_stage1=1, rounds_stage2=1, top_m=1,
+                backbone=str(small_backbone_dir))
+    a = run.run(Config(**base, features="disk", out=str(tmp_path / "disk")), log=lambda *x: None)
+    files = sorted(cache.glob("*.safetensors"))
+    b = run.run(Config(**base, features="stream", out=str(tmp_path / "stream")), log=lambda *x: None)
+    assert a["clients"] == b["clients"] and sorted(cache.glob("*.safetensors")) == files
+    # an unreadable image is found when the client is prepared, not in the middle of a round
+    from PIL import Image
+    png = tmp_path / "broken.png"
+    Image.new("RGB", (8, 8)).save(png)
+    png.write_bytes(png.read_bytes()[:20])
+    c.train[3].image = str(png)
+    with pytest.raises(llava.DataError, match=r"record c2-3: image .*broken\.png cannot be read"):
+        features.prepare_client(bb, c, "cpu", mode="stream")

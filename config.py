@@ -8,6 +8,7 @@ targets), never the client, the server, the evaluation or the loop, so that all 
 the settings without a cycle.
 """
 import json
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -39,10 +40,21 @@ REAL_SOURCES = {
     "warmup_ratio": "paper: 3% warm-up; reading: of one cosine schedule over a client's steps of the whole run",
     "checkpoint": "ours: the federation state after every client (a 7B client round is long)",
 }
-# On the CPU the real preset's frozen weights are fp32 unless --dtype says otherwise: bf16 matrix
-# products run many times slower than fp32 there (bench.py --rehearse measures both), and a CPU run of
-# a checkpoint is a rehearsal, not the paper's GPU run.
-CPU_DTYPE_SOURCE = "ours: fp32 on the CPU, where bf16 is many times slower (the paper's bf16 is for a GPU)"
+# On a CPU without bf16 instructions the real preset's frozen weights are fp32 unless --dtype says
+# otherwise: PyTorch then converts bf16 operands instead of computing with them. A CPU with them
+# (avx512_bf16 or amx_bf16) keeps the paper's bf16, which bench.py --rehearse measured faster there
+# than fp32 (a LLaVA-1.5-7B-width step: README, "What a real run costs").
+CPU_DTYPE_SOURCE = "ours: fp32 on a CPU without bf16 instructions (no avx512_bf16 or amx_bf16)"
+
+
+def cpu_bf16() -> bool:
+    """Whether this machine's CPU computes bf16 natively: avx512_bf16 or amx_bf16 among the flags
+    of /proc/cpuinfo (False where it cannot be read)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
 # The tiny preset's values are the embedded benchmark's definition (README, "The embedded benchmark").
 TINY_SOURCE = "benchmark"
 
@@ -111,7 +123,7 @@ class Config:
     n_test: int = None
 
     def __post_init__(self):
-        if self.dtype is None and preset_name(self.backbone) == "real" and self.device == "cpu":
+        if self.dtype is None and preset_name(self.backbone) == "real" and self.device == "cpu" and not cpu_bf16():
             self.dtype = "fp32"    # CPU_DTYPE_SOURCE
         for key, value in PRESETS[preset_name(self.backbone)].items():
             if getattr(self, key) is None:
@@ -127,7 +139,7 @@ def recipe(cfg: Config) -> dict:
     for key, value in PRESETS[name].items():
         got = getattr(cfg, key)
         source = (REAL_SOURCES[key] if name == "real" else TINY_SOURCE) if got == value else "flag"
-        if name == "real" and key == "dtype" and got == "fp32" and cfg.device == "cpu":
+        if name == "real" and key == "dtype" and got == "fp32" and cfg.device == "cpu" and not cpu_bf16():
             source = CPU_DTYPE_SOURCE
         out[key] = {"value": got, "source": source}
     return out

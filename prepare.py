@@ -34,8 +34,9 @@ The rules, each a [reading] of what the paper leaves open:
   box is the answer.
 - Sizes. --n-train and --n-test are per client, drawn with --seed from the client's candidates. In
   Scenario B the training sizes differ up to 4x (B_SIZES). The defaults (5,000 and 500) make a first
-  Scenario A run of the paper's recipe about 13 GPU-hours on one H100 at 25% utilisation
-  (README, "What a real run costs").
+  Scenario A run of the paper's recipe (4 rounds of one epoch, 6 clients) about 3.5 hours on one
+  H100 at 25% of its bf16 rate: 3.1 EFLOP of training from 640-token samples at 6 x 6.7e9 FLOP a
+  token (README, "What a real run costs"; bench.py --rehearse computes it).
 
 Real datasets are untrusted input: a missing file names the path where it was expected, a malformed
 record names its file and record, missing images are counted (with the first few ids) and left out,

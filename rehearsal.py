@@ -156,6 +156,26 @@ def matmul_rates():
     return out
 
 
+def step_seconds(settings):
+    """Seconds of one training step of a VQA client at these widths with fp32 and with bf16 frozen
+    weights (the second of two steps, so that the first's one-off costs are left out)."""
+    import features
+    from client import client_round
+    from config import Config
+    from federation import load_clients, load_model
+    out = {}
+    for dtype in ("fp32", "bf16"):
+        cfg = Config(**dict(settings, clients=[2], local_steps=1, features="memory"), dtype=dtype)
+        bb, theta0, _ = load_model(cfg, log=lambda *a: None)
+        ct = features.prepare_client(bb, load_clients(cfg)[1][0], "cpu", mode="memory", log=lambda *a: None)
+        for _ in range(2):
+            t = time.perf_counter()
+            client_round(bb, ct, dict(theta0), {}, 1, ["vqa"], cfg, 0, log_bar=False)
+            out[dtype] = round(time.perf_counter() - t, 1)
+        del bb, ct
+    return out
+
+
 def killed_and_resumed(argv, out: Path, log):
     """Run argv in a subprocess, SIGKILL it when its first stage-2 client's turn is committed, run it
     again with --resume; returns (what the kill hit, the resumed run's results)."""
@@ -206,7 +226,7 @@ def rehearse(out: Path, log=print):
         prepare.prepare("A", data_dir, out / "official" / "coco", out / "official" / "vqav2", out / "official" / "refcoco",
                         n_train=2, n_test=1, log=log)
     settings = dict(backbone=str(ckpt), data=str(data_dir / "manifest.json"), clients=[0, 2, 4], rounds_stage1=1,
-                    rounds_stage2=1, local_steps=1, batch_size=1, grad_accum=1, top_m=1, features="disk", max_length=700)
+                    rounds_stage2=1, local_steps=1, batch_size=1, grad_accum=1, top_m=1, features="disk")
     # the reference: measured in this process
     timer = Timer()
     undo = [timer.wrap(features, "prepare_client", "features"), timer.wrap(run, "client_step", "client_turn"),
@@ -243,6 +263,7 @@ def rehearse(out: Path, log=print):
     res["stream_equals_cache"] = bool(torch.equal(streamed.h_train[idx], cached.h_train[idx]))
     del bb, cached, streamed
     res["cpu_matmul_gflops"] = matmul_rates()
+    res["dtype"], res["step_seconds"] = Config(**settings).dtype, step_seconds(settings)
     # killed after its first stage-2 client and resumed: the same tensors as the reference
     argv = [sys.executable, str(Path(__file__).with_name("run.py"))] + [
         f"--{k.replace('_', '-')}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in settings.items()]
@@ -299,8 +320,8 @@ def extrapolate(measured, clients=6, tasks=3):
         "checkpoint_gb": {"round_file": gb(clients * 4 * (down + private)), "turn_file": gb(4 * (lora + adapter + private)),
                           "whole_state_per_turn_before": gb(clients * 4 * (down + private) + clients * 4 * (lora + adapter + private))},
         "feature_cache_gb": gb(images * feature_gpu),
-        "feature_cache_gb_measured_basis": f"{measured.get('feature_bytes_per_image', 0):,} bytes an image measured in fp32 "
-                                           f"on the CPU = 576 x 1024 x 4; half that in bf16",
+        "feature_cache_gb_measured_basis": f"{measured.get('feature_bytes_per_image', 0):,} bytes an image measured in "
+                                           f"{measured.get('dtype')} on the CPU: 576 x 1024 x its bytes, and a header",
         "host_ram_gb": {"weights_bf16_while_loading": gb(2 * (n_llm + 303_000_000 + adapter)),
                         "server_state": gb(clients * 4 * (down + private) + clients * 4 * (lora + adapter))},
         "gpu_memory_gb": {"weights_bf16": gb(2 * (n_llm + 303_000_000)),
@@ -328,7 +349,7 @@ def table(res):
          f"{res['checkpoint_bytes_per_turn']['whole_state_layout'] / 1e6:.0f} MB"),
         ("checkpoint after an aggregation", f"{e['checkpoint_gb']['round_file']} GB", "extrapolated"),
         ("feature cache (--features disk)", f"{e['feature_cache_gb']} GB; 0 with --features stream",
-         f"extrapolated from {res['feature_bytes_per_image']:,} bytes an image measured (fp32)"),
+         f"576 x 1024 x 2 bytes an image (bf16); measured: {res['feature_bytes_per_image']:,} bytes an image in {res['dtype']}"),
         ("host RAM", f"{e['host_ram_gb']['weights_bf16_while_loading']} GB while loading, "
          f"{e['host_ram_gb']['server_state']} GB of federation state", "extrapolated"),
         ("GPU memory", f"{round(sum(g.values()), 1)} GB ({g['weights_bf16']} weights, "

@@ -32,24 +32,24 @@ def _ask(*args):
 def test_answers_on_the_test_set_equal_the_final_evaluation(finished):
     manifest, out = finished
     m = json.loads(manifest.read_text())
-    for k, c in enumerate(m["clients"]):
+    for c in m["clients"]:          # named by their manifest ids, c0 and c2, in the run's files and on ask.py's line
         test = manifest.parent / c["test"]
-        p = _ask(out, "--client", k, "--data", test, "--image-folder", manifest.parent / c["image_folder"])
+        p = _ask(out, "--client", c["id"], "--data", test, "--image-folder", manifest.parent / c["image_folder"])
         assert p.returncode == 0, p.stderr
-        answers = [json.loads(line) for line in test.with_name(f"test.client{k}.answers.jsonl").read_text().splitlines()]
-        evaluated = [json.loads(line) for line in (out / f"predictions_client_{k}.jsonl").read_text().splitlines()]
+        answers = [json.loads(line) for line in test.with_name(f"test.client{c['id']}.answers.jsonl").read_text().splitlines()]
+        evaluated = [json.loads(line) for line in (out / f"predictions_client_{c['id']}.jsonl").read_text().splitlines()]
         assert len(answers) == len(evaluated) == 5
         assert [a["prediction"] for a in answers] == [e["prediction"] for e in evaluated]
         assert [a["id"] for a in answers] == [e["id"] for e in evaluated]
 
 
 def test_one_image_and_question(finished):
-    """A single question about one of client 1's test images: the evaluation's answer to it."""
+    """A single question about one of client c2's test images: the evaluation's answer to it."""
     manifest, out = finished
-    record = json.loads((out / "predictions_client_1.jsonl").read_text().splitlines()[0])
+    record = json.loads((out / "predictions_client_c2.jsonl").read_text().splitlines()[0])
     test = json.loads((manifest.parent / json.loads(manifest.read_text())["clients"][1]["test"]).read_text())
     image = manifest.parent / "images" / next(r["image"] for r in test if record["id"].startswith(r["id"] + "#"))
-    p = _ask(out, "--client", 1, "--image", image, "--question", record["question"])
+    p = _ask(out, "--client", "c2", "--image", image, "--question", record["question"])
     assert p.returncode == 0, p.stderr
     assert p.stdout == record["prediction"] + "\n"
 
@@ -62,7 +62,7 @@ def test_clear_errors(finished, tmp_path):
     for args, message in (
             ([tmp_path / "missing", "--client", 0, "--image", "x.png", "--question", "q"], "no results.json here"),
             ([tmp_path / "foreign", "--client", 0, "--image", "x.png", "--question", "q"], "not a results.json written by run.py"),
-            ([out, "--client", 7, "--image", "x.png", "--question", "q"], "no client '7' in this run; its clients are 0, 1"),
-            ([out, "--client", 0, "--image", tmp_path / "broken.png", "--question", "q"], "broken.png cannot be read")):
+            ([out, "--client", 0, "--image", "x.png", "--question", "q"], "no client '0' in this run; its clients are c0, c2"),
+            ([out, "--client", "c0", "--image", tmp_path / "broken.png", "--question", "q"], "broken.png cannot be read")):
         p = _ask(*args)
         assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr

@@ -113,7 +113,7 @@ def test_each_layout_runs_end_to_end_and_names_clients_by_their_manifest_ids(che
             "--max-length", "128", "--top-m", "1", "--out", str(out), "--faults", "client=c2:scale=1"]
     p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "dtype fp32 (ours)" in p.stdout                    # the paper's recipe, fp32 on the CPU
+    assert "settings (real preset)" in p.stdout               # the paper's recipe
     res = json.loads((out / "results.json").read_text())
     assert [c["id"] for c in res["clients"]] == ["c0", "c2"] and res["scenario"] == "synthetic-A-seed0"
     assert res["ata"][0]["neighbours"] == {"c0": ["c2"], "c2": ["c0"]}

@@ -152,11 +152,16 @@ def test_presets_the_benchmark_schedule_for_tiny_and_the_papers_recipe_for_check
     assert {k: getattr(real, k) for k in paper} == paper
     recipe = config.recipe(real)
     assert recipe["lr_stage1"] == {"value": 2e-5, "source": "paper"} and recipe["rounds_stage1"]["source"].startswith("reading")
-    # on the CPU the frozen weights are fp32 unless --dtype says bf16, and the log says why
-    cpu, _ = run.parse_config(["--backbone", "llava-hf/llava-1.5-7b-hf"])
-    assert cpu.dtype == "fp32" and config.recipe(cpu)["dtype"]["source"] == config.CPU_DTYPE_SOURCE
-    assert "dtype fp32 (ours)" in config.recipe_line(cpu)
-    assert run.parse_config(["--backbone", "llava-hf/llava-1.5-7b-hf", "--dtype", "bf16"])[0].dtype == "bf16"
+    # on a CPU without bf16 instructions the frozen weights are fp32 unless --dtype says bf16, and the
+    # log says why; a CPU with them keeps the paper's bf16
+    import unittest.mock
+    with unittest.mock.patch.object(config, "cpu_bf16", lambda: False):
+        cpu, _ = run.parse_config(["--backbone", "llava-hf/llava-1.5-7b-hf"])
+        assert cpu.dtype == "fp32" and config.recipe(cpu)["dtype"]["source"] == config.CPU_DTYPE_SOURCE
+        assert "dtype fp32 (ours)" in config.recipe_line(cpu)
+        assert run.parse_config(["--backbone", "llava-hf/llava-1.5-7b-hf", "--dtype", "bf16"])[0].dtype == "bf16"
+    with unittest.mock.patch.object(config, "cpu_bf16", lambda: True):
+        assert run.parse_config(["--backbone", "llava-hf/llava-1.5-7b-hf"])[0].dtype == "bf16"
     given, _ = run.parse_config(["--backbone", "llava-hf/llava-1.5-7b-hf", "--device", "cuda", "--local-steps", "5",
                                  "--lr-stage2", "1e-4"])
     assert {k: getattr(given, k) for k in paper} == {**paper, "local_steps": 5, "lr_stage2": 1e-4}

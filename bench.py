@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import aggregate
 import pilot
+import rehearsal
 
 
 H100_BF16_PEAK = 989e12   # dense bf16 FLOP/s of an H100 SXM, the MFU denominator
@@ -181,8 +182,8 @@ def comm_7b(r=64, tasks=3):
     adapters + Θ̄^l; FedAvg uploads and downloads one connector + Θ^l (fp32 tensors)."""
     cfg = llava7b_config()
     c_v, c, L, inter = 1024, cfg.text_config.hidden_size, cfg.text_config.num_hidden_layers, cfg.text_config.intermediate_size
-    lora = L * (4 * r * (c + c) + 2 * r * (c + inter) + r * (inter + c))   # q,k,v,o; gate,up; down
-    adapter = c_v * c + c + c * c + c
+    lora = rehearsal.lora_params(L, r, c, inter)         # q,k,v,o; gate,up; down
+    adapter = rehearsal.adapter_params(c_v, c)
     return {"lora_params": lora, "adapter_params": adapter,
             "pilot_up_params": lora + adapter, "pilot_down_params": lora + tasks * adapter,
             "fedavg_up_params": lora + adapter, "bytes_up_per_round_pilot_7b": 4 * (lora + adapter)}
@@ -320,7 +321,6 @@ def main():
                     "into the directory --out")
     a = ap.parse_args()
     if a.rehearse:
-        import rehearsal
         rehearsal.main(a.out)
         return
     if a.features:

@@ -9,11 +9,12 @@ at 336 px: width 1024, 576 image tokens; Vicuna-7B: width 4096, MLP 11008, 32 he
 vocabulary of llava-hf/llava-1.5-7b-hf) and LAYERS layers each instead of 24 and 32, saved as a
 checkpoint directory. Three clients (a caption, a VQA and a grounding client) come from small
 official-layout fixtures through prepare.py. Then, with the paper's recipe (LoRA r 64, a checkpoint
-after every client, fp32 on the CPU) and one optimiser step per round: the features, a stage-1 and a
-stage-2 round (CT-MoA, ATA), the final evaluation (generation, scoring). That run is measured in this
-process; the same run is then started in a subprocess, SIGKILLed after its first stage-2 client and
-resumed, and must end with the same tensors and predictions. Streamed features are compared with
-cached ones bit for bit at this width, and a bf16 against an fp32 matrix product on this CPU.
+after every client, the dtype the real preset takes on this CPU) and one optimiser step per round:
+the features, a stage-1 and a stage-2 round (CT-MoA, ATA), the final evaluation (generation,
+scoring). That run is measured in this process; the same run is then started in a subprocess,
+SIGKILLed after its first stage-2 client and resumed, and must end with the same tensors and
+predictions. Streamed features are compared with cached ones bit for bit at this width, and bf16
+with fp32 on this CPU (a matrix product and a training step).
 """
 import json
 import os
@@ -28,7 +29,6 @@ import torch
 
 LAYERS = {"vision": 2, "text": 2}
 VOCAB = 32064
-ADAPTER = 1024 * 4096 + 4096 + 4096 * 4096 + 4096   # a projector-shaped adapter, 1024 -> 4096 -> 4096
 REAL = dict(layers_vision=24, layers_text=32, n_train=5000, n_test=500, rounds=4, tokens=640, utilisation=0.25,
             peak_tflops=989.0)   # prepare.py's defaults, the paper's R = 1 + 3, an H100's dense bf16 rate
 
@@ -253,7 +253,8 @@ def rehearse(out: Path, log=print):
     lora = ref["communicated_params"] - ADAPTER
     res["params"] = {"lora": lora, "adapter": ADAPTER, "trainable_per_client_max": ref["trainable_params"]}
     res["bytes_per_round"] = {"up": ref["bytes_up"] // rounds, "down": (ref["bytes_down"] - K * 4 * lora) // rounds,
-                              "up_per_client": ref["bytes_up"] // rounds // K}
+                              "up_per_client": ref["bytes_up"] // rounds // K,
+                              "down_per_client": (ref["bytes_down"] - K * 4 * lora) // rounds // K}
     res["scores"] = {c["id"]: c["score"] for c in ref["clients"]}
     # streamed against cached features at this width, on one client's images
     bb = load_model(Config(**settings), log=lambda *a: None)[0]
@@ -288,6 +289,14 @@ def lora_params(layers, r=64, c=4096, inter=11008):
     return layers * r * (4 * (c + c) + 2 * (c + inter) + (inter + c))
 
 
+def adapter_params(c_v=1024, c=4096):
+    """A projector-shaped adapter (ψ_t, ψ_s or ψ^c): c_v -> c -> c, with biases."""
+    return c_v * c + c + c * c + c
+
+
+ADAPTER = adapter_params()
+
+
 def llm_params(layers, c=4096, inter=11008, vocab=VOCAB):
     return layers * (4 * c * c + 3 * c * inter) + 2 * vocab * c
 
@@ -296,6 +305,7 @@ def extrapolate(measured, clients=6, tasks=3):
     """A Scenario A run of the paper's recipe at 32 + 24 layers and prepare.py's default sizes, from
     the shapes (each figure's formula beside it) and the rehearsal's measured per-image and per-width
     figures. GPU time from the FLOP count at REAL's utilisation."""
+    import prepare
     R = REAL
     adapter = ADAPTER
     lora = lora_params(R["layers_text"])
@@ -307,6 +317,7 @@ def extrapolate(measured, clients=6, tasks=3):
     samples = clients * R["n_train"] * R["rounds"]
     flops = samples * R["tokens"] * 6 * n_llm                          # 2N forward, 2N backward, 2N recompute
     gpu_s = flops / (R["utilisation"] * R["peak_tflops"] * 1e12)
+    b_samples = sum(sum(f) for f in prepare.B_SIZES.values()) * R["n_train"] * R["rounds"]   # B: 8 clients, 0.25x-1x
     gb = lambda x: round(x / 1e9, 2)
     return {
         "assumptions": f"Scenario A, {clients} clients, {R['n_train']} training and {R['n_test']} test records each, "
@@ -331,6 +342,7 @@ def extrapolate(measured, clients=6, tasks=3):
                                                               16 * R["tokens"] * (10 * 4096 + 3 * 11008) * 2)},
         "training_pflop": round(flops / 1e15),
         "gpu_hours": round(gpu_s / 3600, 1),
+        "gpu_hours_scenario_b": round(gpu_s * b_samples / samples / 3600, 1),
     }
 
 
@@ -338,16 +350,22 @@ def table(res):
     """The README table "What a real run costs" from a rehearsal's results."""
     e = res["extrapolated"]
     g = e["gpu_memory_gb"]
+    slowest = {kind: max((w for w in res["checkpoint_writes"] if w["kind"] == kind), key=lambda w: w["seconds"])
+               for kind in ("turn", "round")}
     rows = [
         ("upload / download per client and round", f"{e['upload_gb_per_client_round']} / {e['download_gb_per_client_round']} GB",
          "extrapolated: 4 bytes x (LoRA + one adapter) / (LoRA + T adapters); measured at 2 layers: "
-         f"{res['bytes_per_round']['up_per_client'] / 1e6:.0f} MB up"),
+         f"{res['bytes_per_round']['up_per_client'] / 1e6:.0f} / {res['bytes_per_round']['down_per_client'] / 1e6:.0f} MB"),
         ("all clients, per round", f"{e['bytes_gb_per_round']['up']} GB up, {e['bytes_gb_per_round']['down']} GB down", "extrapolated"),
-        ("checkpoint after a client's turn", f"{e['checkpoint_gb']['turn_file']} GB (the whole state: "
-         f"{e['checkpoint_gb']['whole_state_per_turn_before']} GB)", "extrapolated; measured at 2 layers: "
-         f"{res['checkpoint_bytes_per_turn']['per_turn_layout'] / 1e6:.0f} MB against "
-         f"{res['checkpoint_bytes_per_turn']['whole_state_layout'] / 1e6:.0f} MB"),
+        ("checkpoint after a client's turn", f"{e['checkpoint_gb']['turn_file']} GB (the whole state, as before: up to "
+         f"{e['checkpoint_gb']['whole_state_per_turn_before']} GB)", "extrapolated; measured at 2 layers in stage 2: "
+         f"{res['checkpoint_bytes_per_turn']['per_turn_layout'] / 1e6:.0f} MB a turn, against up to "
+         f"{res['checkpoint_bytes_per_turn']['whole_state_layout'] / 1e6:.0f} MB for the whole state"),
         ("checkpoint after an aggregation", f"{e['checkpoint_gb']['round_file']} GB", "extrapolated"),
+        ("checkpoint seconds on this CPU", " and ".join(f"{w['seconds']} s for {w['bytes'] / 1e6:.0f} MB" for w in slowest.values())
+         + " (a turn, an aggregation)", f"measured at {LAYERS['text']} LLM layers: the slowest write of each kind"),
+        ("peak RSS", f"{max(res['peak_rss_mb'].values()):,} MB", f"measured at {LAYERS['text']} + {LAYERS['vision']} layers "
+         f"({res['parameters'] / 1e6:.0f}M parameters); the whole rehearsal {res['seconds']['total']:.0f} s"),
         ("feature cache (--features disk)", f"{e['feature_cache_gb']} GB; 0 with --features stream",
          f"576 x 1024 x 2 bytes an image (bf16); measured: {res['feature_bytes_per_image']:,} bytes an image in {res['dtype']}"),
         ("host RAM", f"{e['host_ram_gb']['weights_bf16_while_loading']} GB while loading, "
@@ -355,7 +373,10 @@ def table(res):
         ("GPU memory", f"{round(sum(g.values()), 1)} GB ({g['weights_bf16']} weights, "
          f"{g['trainable_fp32_with_grads_and_adam']} trainable with Adam, {g['activations_batch16_grad_ckpt']} activations)",
          "estimated from the shapes"),
-        ("GPU time", f"{e['gpu_hours']} h ({e['training_pflop']:,} PFLOP of training)", e["assumptions"]),
+        ("GPU time", f"{e['gpu_hours']} h ({e['training_pflop']:,} PFLOP of training); Scenario B {e['gpu_hours_scenario_b']} h",
+         e["assumptions"]),
+        ("a step at 7B widths on this CPU", f"{res['step_seconds']['bf16']} s in bf16, {res['step_seconds']['fp32']} s in fp32",
+         f"measured, {LAYERS['text']} LLM layers, batch 1; --dtype default here: {res['dtype']}"),
     ]
     return "\n".join(["| | cost | how |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows])
 

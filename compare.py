@@ -257,6 +257,18 @@ def sections(summary):
                 share = lambda m: "–" if x["share"].get(m) is None else f"{x['share'][m]:.2f}"
                 lines.append(f"| {t} | {d} | {room(x['within'])} | {room(x['cross'])} | " + " | ".join(share(m) for m in fed) + " |")
         out["rooms"] = "\n".join(lines)
+        # the same split in one row per task, for README: each cell the draws' figures in order
+        brief = [m for m in ("pilot", "fedavg-task", "fedavg") if m in fed]
+        sign = {"above": ">", "below": "<"}
+        lines = [f"The room split, one row per task, each cell draws {' / '.join(map(str, summary['rooms']))}: the mean "
+                 "room (> or < 0 at 90%, ? undecided), then the share of the cross-task room a method reaches (– where "
+                 "there is none)", "", *_head(["task", "within-task room", "cross-task room", *[f"{m}'s share" for m in brief]])]
+        for t in tasks:
+            rs = [r[t] for r in summary["rooms"].values()]
+            room = lambda k: " / ".join(f"{x[k]['mean']:+.1f} {sign.get(x[k]['verdict'], '?')}" for x in rs)
+            share = lambda m: " / ".join("–" if x["share"].get(m) is None else f"{x['share'][m]:.2f}" for x in rs)
+            lines.append(f"| {t} | {room('within')} | {room('cross')} | " + " | ".join(share(m) for m in brief) + " |")
+        out["rooms-brief"] = "\n".join(lines)
     if summary["bounds"]:
         tasks = list(next(iter(summary["bounds"].values()))["centralized"])
         lines = [f"The bounds on each draw against the benchmark's calibration targets: room, Centralized's {sm.WEIGHTED} "
@@ -370,13 +382,14 @@ def main(argv=None):
         ap = argparse.ArgumentParser(description="Summarise comparisons again from their runs.")
         ap.add_argument("dirs", nargs="+", help="comparison directories (runs/compare-A ...)")
         ap.add_argument("--into", nargs="*", default=[], help="markdown files whose compare blocks to fill")
-        ap.add_argument("--figures", help="a folder to copy each comparison's plots to, as <scenario>-draw<d>-<plot>.png")
+        ap.add_argument("--figures", help="a folder to copy each comparison's plots of its first draw to, as "
+                                          "<scenario>-draw<d>-<plot>.png")
         a = ap.parse_args(argv)
         tables = {}
         for d in map(Path, a.dirs):
             summary = write(d)
             tables[summary["scenario"]] = sections(summary)
-            for draw in summary["draws"] if a.figures else ():
+            for draw in [min(summary["draws"])] if a.figures else ():
                 for name in ("scores", "rounds"):
                     if (d / f"draw{draw}" / f"{name}.png").is_file():
                         Path(a.figures).mkdir(parents=True, exist_ok=True)

@@ -135,6 +135,8 @@ def test_the_room_split_and_the_share_of_the_cross_task_room_a_method_reaches():
     table = compare.sections(s)["rooms"]
     assert "| vqa | 0 | 4.7 ± 0.6 (> 0) | 10.3 ± 0.6 (> 0) | 0.26 |" in table
     assert "| grounding | 0 | 10.0 ± 0.0 (> 0) | -1.0 ± 0.0 (< 0) | – |" in table
+    brief = compare.sections(s)["rooms-brief"]
+    assert "| vqa | +4.7 > | +10.3 > | 0.26 |" in brief and "| grounding | +10.0 > | -1.0 < | – |" in brief
 
 
 def test_the_bounds_are_read_against_the_calibration_targets_on_each_draw():

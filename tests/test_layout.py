@@ -110,8 +110,8 @@ def cited_outside(files):
 def test_no_tracked_file_cites_a_file_outside_the_repository():
     assert cited_outside(_tracked_text_files()) == []
     # the check itself: a spec that lives beside the repository, a link to nowhere, a path out of it
-    planted = {"README.md": "The method: `../shared/SPEC.md`; see [the notes](docs/NOTES.md).",
+    planted = {"README.md": "The method: `../specs/SPEC.md`; see [the notes](docs/NOTES.md).",
                "pilot.py": "# as SPEC.md says", "docs/METHOD.md": "x"}
-    assert cited_outside(planted) == [("README.md", "../shared/SPEC.md"), ("README.md", "docs/NOTES.md"),
-                                      ("README.md", "../shared/SPEC.md"), ("README.md", "docs/NOTES.md"),
+    assert cited_outside(planted) == [("README.md", "../specs/SPEC.md"), ("README.md", "docs/NOTES.md"),
+                                      ("README.md", "../specs/SPEC.md"), ("README.md", "docs/NOTES.md"),
                                       ("pilot.py", "SPEC.md")]

@@ -252,9 +252,9 @@ def rehearse(out: Path, log=print):
     K, rounds = len(ref["clients"]), ref["config"]["rounds_stage1"] + ref["config"]["rounds_stage2"]
     lora = ref["communicated_params"] - ADAPTER
     res["params"] = {"lora": lora, "adapter": ADAPTER, "trainable_per_client_max": ref["trainable_params"]}
-    res["bytes_per_round"] = {"up": ref["bytes_up"] // rounds, "down": (ref["bytes_down"] - K * 4 * lora) // rounds,
-                              "up_per_client": ref["bytes_up"] // rounds // K,
-                              "down_per_client": (ref["bytes_down"] - K * 4 * lora) // rounds // K}
+    down = (ref["bytes_down"] - K * 4 * lora) // rounds
+    res["bytes_per_round"] = {"up": ref["bytes_up"] // rounds, "down": down,
+                              "up_per_client": ref["bytes_up"] // rounds // K, "down_per_client": down // K}
     res["scores"] = {c["id"]: c["score"] for c in ref["clients"]}
     # streamed against cached features at this width, on one client's images
     bb = load_model(Config(**settings), log=lambda *a: None)[0]
